@@ -1,0 +1,128 @@
+"""The forward process q, its posterior, and the reverse process p_theta (Ho et al. 2020, sections 2-3).
+
+    q(x_t | x_0)            = N(sqrt(abar_t) x_0, (1 - abar_t) I)                        q_mean_variance, q_sample
+    q(x_{t-1} | x_t, x_0)   = N(mu_tilde_t, beta_tilde_t I),
+        mu_tilde_t = coef1_t x_0 + coef2_t x_t                                           q_posterior_mean_variance
+    p(x_{t-1} | x_t)        = N(mu_tilde_t(x_t, x0_hat(x_t, t)), sigma_t^2 I)            p_mean_variance
+
+The network predicts eps (Ho), x_0, or v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho); every
+prediction is turned into x0_hat and then into the posterior mean, so the three objectives share one path.
+
+`t` is always a long tensor [N] of 0-based indices into the schedule (index 0 is t = 1). Coefficients are
+gathered in float64 and cast to the tensor's dtype at use.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from .schedules import NoiseSchedule
+
+Objective = Literal["eps", "x0", "v"]
+Variance = Literal["fixed_small", "fixed_large"]
+OBJECTIVES = ("eps", "x0", "v")
+VARIANCES = ("fixed_small", "fixed_large")
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def extract(arr: np.ndarray, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """arr[t] as a tensor broadcastable against x: [N] -> [N, 1, 1, 1], in x's dtype and device."""
+    values = torch.tensor(arr, device=t.device)[t].to(x.dtype)
+    return values.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+# --- forward process -----------------------------------------------------------------------------------
+def q_mean_variance(s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor):
+    """Mean, variance and log-variance of q(x_t | x_0)."""
+    mean = extract(s.sqrt_alphas_cumprod, t, x0) * x0
+    variance = extract(1.0 - s.alphas_cumprod, t, x0)
+    return mean, variance, extract(s.log_one_minus_alphas_cumprod, t, x0)
+
+
+def q_sample(s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps: a draw of q(x_t | x_0) by reparameterization."""
+    return extract(s.sqrt_alphas_cumprod, t, x0) * x0 + extract(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+
+def q_posterior_mean_variance(s: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+    """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+    mean = extract(s.posterior_mean_coef1, t, x_t) * x0 + extract(s.posterior_mean_coef2, t, x_t) * x_t
+    variance = extract(s.posterior_variance, t, x_t)
+    return mean, variance, extract(s.posterior_log_variance_clipped, t, x_t)
+
+
+# --- converters between parameterizations ----------------------------------------------------------------
+def x0_from_eps(s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
+    return (x_t - extract(s.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / extract(s.sqrt_alphas_cumprod, t, x_t)
+
+
+def eps_from_x0(s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)."""
+    return (x_t - extract(s.sqrt_alphas_cumprod, t, x_t) * x0) / extract(s.sqrt_one_minus_alphas_cumprod, t, x_t)
+
+
+def v_from_eps_x0(s: NoiseSchedule, t: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(abar) eps - sqrt(1 - abar) x_0."""
+    return extract(s.sqrt_alphas_cumprod, t, x0) * eps - extract(s.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+
+def x0_from_v(s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """x_0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
+    return extract(s.sqrt_alphas_cumprod, t, x_t) * x_t - extract(s.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+
+
+def x0_from_prediction(s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
+                       objective: Objective) -> torch.Tensor:
+    if objective == "eps":
+        return x0_from_eps(s, x_t, t, out)
+    if objective == "x0":
+        return out
+    if objective == "v":
+        return x0_from_v(s, x_t, t, out)
+    raise ValueError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
+
+
+def training_target(s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                    objective: Objective) -> torch.Tensor:
+    """What the network is regressed on under L_simple for each objective."""
+    if objective == "eps":
+        return noise
+    if objective == "x0":
+        return x0
+    if objective == "v":
+        return v_from_eps_x0(s, t, noise, x0)
+    raise ValueError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
+
+
+# --- reverse process -------------------------------------------------------------------------------------
+def p_variance(s: NoiseSchedule, t: torch.Tensor, x: torch.Tensor, variance: Variance):
+    """sigma_t^2 and its log: fixed_small = beta_tilde_t (clipped log), fixed_large = beta_t (index 0 = beta_tilde_2)."""
+    if variance == "fixed_small":
+        return extract(s.posterior_variance, t, x), extract(s.posterior_log_variance_clipped, t, x)
+    if variance == "fixed_large":
+        large = s.fixed_large_variance
+        return extract(large, t, x), extract(np.log(large), t, x)
+    raise ValueError(f"unknown variance '{variance}'; choose one of {', '.join(VARIANCES)}")
+
+
+def model_t(s: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """The original t index the network sees (differs from t only on a respaced schedule)."""
+    return torch.tensor(s.timestep_map, device=t.device)[t]
+
+
+def p_mean_variance(model: EpsModel, s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
+                    variance: Variance = "fixed_small", objective: Objective = "eps",
+                    clip_x0: bool = False) -> dict[str, torch.Tensor]:
+    """Mean and variance of p_theta(x_{t-1} | x_t), with the network's x_0 and eps predictions."""
+    out = model(x_t, model_t(s, t))
+    x0_hat = x0_from_prediction(s, x_t, t, out.to(x_t.dtype), objective)
+    if clip_x0:
+        x0_hat = x0_hat.clamp(-1.0, 1.0)
+    mean, _, _ = q_posterior_mean_variance(s, x0_hat, x_t, t)
+    var, log_var = p_variance(s, t, x_t, variance)
+    return {"mean": mean, "variance": var, "log_variance": log_var, "pred_x0": x0_hat,
+            "pred_eps": eps_from_x0(s, x_t, t, x0_hat)}

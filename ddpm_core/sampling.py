@@ -1,0 +1,83 @@
+"""Samplers: ancestral (Ho's Algorithm 2), respaced to K < T steps, and DDIM(eta).
+
+The sampler never owns the network. Every sampler draws x_T first and then one noise tensor per step that
+adds noise, all from one seeded generator, so a sample is a function of (network, schedule, seed).
+DDIM with eta = 1 on the full grid draws the same noise as ancestral sampling and gives the same result.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from .diffusion import EpsModel, Objective, Variance, extract, p_mean_variance
+from .schedules import NoiseSchedule, respace
+
+Sampler = Literal["ancestral", "ddim"]
+SAMPLERS = ("ancestral", "ddim")
+
+
+def _steps(s: NoiseSchedule, progress: bool, desc: str):
+    return tqdm(range(s.T - 1, -1, -1), desc=desc, unit="step", disable=not progress, leave=False)
+
+
+@torch.no_grad()
+def ancestral_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], generator: torch.Generator,
+                     variance: Variance = "fixed_small", objective: Objective = "eps", clip_x0: bool = False,
+                     device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+    """Algorithm 2: x_T ~ N(0, I); x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step."""
+    x = torch.randn(shape, generator=generator, device=device)
+    for i in _steps(s, progress, "ancestral"):
+        t = torch.full((shape[0],), i, dtype=torch.long, device=device)
+        p = p_mean_variance(model, s, x, t, variance=variance, objective=objective, clip_x0=clip_x0)
+        x = p["mean"]
+        if i > 0:
+            x = x + torch.exp(0.5 * p["log_variance"]) * torch.randn(shape, generator=generator, device=device)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], generator: torch.Generator,
+                eta: float = 0.0, objective: Objective = "eps", clip_x0: bool = False,
+                device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) on the steps of `s`:
+
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
+    sigma  = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev).
+    """
+    x = torch.randn(shape, generator=generator, device=device)
+    for i in _steps(s, progress, f"ddim(eta={eta})"):
+        t = torch.full((shape[0],), i, dtype=torch.long, device=device)
+        p = p_mean_variance(model, s, x, t, objective=objective, clip_x0=clip_x0)
+        abar, abar_prev = extract(s.alphas_cumprod, t, x), extract(s.alphas_cumprod_prev, t, x)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        x = abar_prev.sqrt() * p["pred_x0"] + torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0)) * p["pred_eps"]
+        if i > 0:
+            x = x + sigma * torch.randn(shape, generator=generator, device=device)
+    return x
+
+
+def sample(model: EpsModel, schedule: NoiseSchedule, n: int, image_shape: tuple[int, int, int], seed: int,
+           sampler: Sampler = "ancestral", steps: int | None = None, eta: float = 0.0, batch_size: int = 256,
+           variance: Variance = "fixed_small", objective: Objective = "eps", clip_x0: bool = True,
+           device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
+    """n samples in [-1, 1], shape [n, C, H, W], on `steps` respaced steps (None = all T), in batches.
+
+    Batch b uses the generator seeded with (seed, b), so a sample does not depend on how many are drawn.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    s = schedule if steps is None or steps == schedule.T else respace(schedule, steps)
+    out = []
+    batches = range(0, n, batch_size)
+    for b, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
+        shape = (min(batch_size, n - start), *image_shape)
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+        if sampler == "ancestral":
+            x = ancestral_sample(model, s, shape, g, variance, objective, clip_x0, device, progress)
+        else:
+            x = ddim_sample(model, s, shape, g, eta, objective, clip_x0, device, progress)
+        out.append(x.clamp(-1, 1).cpu())
+    return torch.cat(out)

@@ -1,0 +1,82 @@
+"""Samplers: Algorithm 2, respacing, DDIM(eta), seeding."""
+
+import pytest
+import torch
+
+from ddpm_core.sampling import ancestral_sample, ddim_sample, sample
+from ddpm_core.schedules import NoiseSchedule, respace
+
+S = NoiseSchedule.named("linear", 100)
+
+
+def analytic(x, t):
+    """diffusers' stand-in network: eps(x, t) = x * t / (t + 1)."""
+    return x * (t.view(-1, 1, 1, 1).float() / (t.view(-1, 1, 1, 1).float() + 1))
+
+
+def oracle(c: torch.Tensor, s: NoiseSchedule):
+    """Bayes-optimal eps for the one-point data set {c}, seen through the original t index."""
+    b = torch.tensor(S.sqrt_one_minus_alphas_cumprod, dtype=torch.float32)
+    a = torch.tensor(S.sqrt_alphas_cumprod, dtype=torch.float32)
+    return lambda x, t: (x - a[t].view(-1, 1, 1, 1) * c) / b[t].view(-1, 1, 1, 1)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_ddim_eta1_on_the_full_grid_is_ancestral_sampling():
+    shape = (6, 1, 4, 4)
+    a = ancestral_sample(analytic, S, shape, gen(), variance="fixed_small")
+    b = ddim_sample(analytic, S, shape, gen(), eta=1.0)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(a, ddim_sample(analytic, S, shape, gen(), eta=0.0), atol=1e-2)
+
+
+def test_samplers_are_deterministic_given_the_seed():
+    shape = (3, 1, 4, 4)
+    for f in (lambda g: ancestral_sample(analytic, S, shape, g), lambda g: ddim_sample(analytic, S, shape, g, eta=0.5)):
+        assert torch.equal(f(gen(7)), f(gen(7)))
+        assert not torch.equal(f(gen(7)), f(gen(8)))
+
+
+@pytest.mark.parametrize("K", [100, 20, 5])
+def test_oracle_samples_land_exactly_on_the_data_point(K):
+    """With the optimal predictor x0_hat = c at every step; Algorithm 2 adds no noise at the last step,
+    so every sampler must return c itself, whatever the noise."""
+    c = torch.rand(1, 1, 4, 4) * 2 - 1
+    s = respace(S, K)
+    model = oracle(c, s)
+    for x in (ancestral_sample(model, s, (4, 1, 4, 4), gen(1)),
+              ancestral_sample(model, s, (4, 1, 4, 4), gen(1), variance="fixed_large"),
+              ddim_sample(model, s, (4, 1, 4, 4), gen(2), eta=0.0),
+              ddim_sample(model, s, (4, 1, 4, 4), gen(2), eta=1.0)):
+        torch.testing.assert_close(x, c.expand_as(x), rtol=0, atol=1e-4)
+
+
+def test_respaced_sampler_shows_the_network_original_t():
+    seen = []
+
+    def spy(x, t):
+        seen.append(int(t[0]))
+        return torch.zeros_like(x)
+
+    ancestral_sample(spy, respace(S, 5), (1, 1, 2, 2), gen())
+    assert seen == [99, 74, 50, 25, 0]
+
+
+def test_respacing_with_K_equal_T_samples_identically():
+    shape = (2, 1, 4, 4)
+    torch.testing.assert_close(ancestral_sample(analytic, respace(S, 100), shape, gen(3)),
+                               ancestral_sample(analytic, S, shape, gen(3)), rtol=1e-6, atol=1e-6)
+
+
+def test_sample_batches_clips_and_validates():
+    x = sample(analytic, S, n=5, image_shape=(1, 4, 4), seed=0, sampler="ddim", steps=10, batch_size=2,
+               progress=False)
+    assert x.shape == (5, 1, 4, 4) and x.min() >= -1 and x.max() <= 1
+    y = sample(analytic, S, n=5, image_shape=(1, 4, 4), seed=0, sampler="ddim", steps=10, batch_size=2,
+               progress=False)
+    assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        sample(analytic, S, n=1, image_shape=(1, 2, 2), seed=0, sampler="plms")
