@@ -1,0 +1,68 @@
+"""Checkpoints: atomic writes, and loads that never execute code.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts with a `format` tag. It is written to a
+temporary file in the same folder, fsynced, loaded back to check it, and only then moved over the old one with
+os.replace, so a kill at any moment leaves either the old or the new checkpoint, never a broken one.
+Loading uses torch.load(weights_only=True): a pickle that would run code is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import pickle
+from typing import Any
+
+import torch
+
+FORMAT = "ddpm_core.checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A file that is missing, damaged or not one of ours."""
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a loadable ddpm_core checkpoint (refused by weights_only load): "
+                              f"{first}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a ddpm_core checkpoint (no '{FORMAT}' format tag)")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}; this code reads {VERSION}")
+    return ckpt
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Atomically write `state` (plus the format tag) to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        load_checkpoint(tmp)  # the old checkpoint is replaced only by one that loads
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

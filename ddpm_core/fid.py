@@ -1,0 +1,217 @@
+"""FID-proxy: Frechet distance in the penultimate features of a classifier trained on the same data set.
+
+Inception weights cannot be downloaded here, so the feature extractor is a small CNN trained (deterministically,
+from a seed) on the data set's training split. Its numbers are comparable between runs that share the same
+featurizer file (same data checksum, same seed), not with published FIDs. Reported with it:
+    fid_proxy_floor   real-vs-real: a train subset against the test images at the same sample count
+    kid_proxy         unbiased kernel (KID-style, cubic polynomial) MMD^2 in the same features
+    classifier_accuracy, n_fid
+True FID is available through `inception_featurizer` when a user has Inception-v3 weights on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import ImageData, to_model_range
+
+Featurize = Callable[[torch.Tensor], np.ndarray]  # uint8 [N, C, H, W] -> float64 features [N, D]
+
+
+@dataclass(frozen=True)
+class FeaturizerConfig:
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 2e-3
+    width: int = 32
+    feature_dim: int = 128
+    seed: int = 0
+
+
+class Classifier(nn.Module):
+    """conv(w)-conv(w)-pool-conv(2w)-conv(2w)-pool-fc(feature_dim)-fc(classes); features = the fc input."""
+
+    def __init__(self, channels: int, num_classes: int, width: int, feature_dim: int):
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU()]
+
+        self.body = nn.Sequential(
+            *block(channels, width), *block(width, width), nn.MaxPool2d(2),
+            *block(width, 2 * width), *block(2 * width, 2 * width), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(2 * width * 16, feature_dim), nn.SiLU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@torch.no_grad()
+def predict(net: nn.Module, images: np.ndarray | torch.Tensor, fn: str, batch_size: int = 512) -> torch.Tensor:
+    """Apply net.<fn> to uint8 images in batches, in eval mode, on the net's device."""
+    net.eval()
+    device = next(net.parameters()).device
+    images = torch.as_tensor(images)
+    outs = [getattr(net, fn)(to_model_range(images[i:i + batch_size]).to(device)).double().cpu()
+            for i in range(0, len(images), batch_size)]
+    return torch.cat(outs)
+
+
+def train_classifier(data: ImageData, cfg: FeaturizerConfig, device: str | torch.device = "cpu",
+                     progress: bool = True) -> tuple[Classifier, float]:
+    """Train the featurizer on the training split; returns it and its test accuracy."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    net = Classifier(data.image_shape[0], data.num_classes, cfg.width, cfg.feature_dim).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
+    images, labels = torch.from_numpy(data.train_images), torch.from_numpy(data.train_labels)
+    steps_per_epoch = (len(images) + cfg.batch_size - 1) // cfg.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="featurizer", unit="step", disable=not progress)
+    for _ in range(cfg.epochs):
+        net.train()
+        order = torch.randperm(len(images), generator=gen)
+        for i in range(0, len(images), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            x = to_model_range(images[idx]).to(device)
+            loss = F.cross_entropy(net(x), labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    pred = predict(net, data.test_images, "forward").argmax(1).numpy()
+    return net, float((pred == data.test_labels).mean())
+
+
+def load_or_train_featurizer(path: str | Path, data: ImageData, cfg: FeaturizerConfig = FeaturizerConfig(),
+                             device: str | torch.device = "cpu", progress: bool = True) -> tuple[Classifier, dict]:
+    """Reuse the featurizer at `path` when it was trained on the same data with the same config, else train
+    and save one. Returns the classifier and its info (data checksum, test accuracy, config)."""
+    path, checksum = Path(path), data.checksum()
+    if path.exists():
+        ckpt = load_checkpoint(path, map_location=device)
+        info = ckpt["info"]
+        if info["data_checksum"] == checksum and info["config"] == asdict(cfg):
+            net = Classifier(data.image_shape[0], data.num_classes, cfg.width, cfg.feature_dim).to(device)
+            net.load_state_dict(ckpt["model"])
+            return net, info
+    net, accuracy = train_classifier(data, cfg, device, progress)
+    info = {"data_checksum": checksum, "dataset": data.name, "accuracy": accuracy, "config": asdict(cfg)}
+    save_checkpoint({"model": net.state_dict(), "info": info}, path)
+    return net, info
+
+
+# --- distances ------------------------------------------------------------------------------------------
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"need features [N >= 2, D]; got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _sqrt_psd(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), with tr (S1 S2)^{1/2} = tr (S1^{1/2} S2 S1^{1/2})^{1/2}
+    computed from symmetric eigendecompositions (no complex sqrtm, no negative round-off)."""
+    root1 = _sqrt_psd(sigma1)
+    cross = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    tr_cross = np.sqrt(np.clip(cross, 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_cross)
+
+
+def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 10, subset_size: int = 500, seed: int = 0) -> float:
+    """Kernel Inception Distance in these features: unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, averaged
+    over random subsets."""
+    rng = np.random.default_rng(seed)
+    m = min(subset_size, len(f1), len(f2))
+    d = f1.shape[1]
+    vals = []
+    for _ in range(subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+        off = m * (m - 1)
+        vals.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2 * kxy.mean())
+    return float(np.mean(vals))
+
+
+def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
+    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+
+
+def classifier_featurize(net: Classifier) -> Featurize:
+    return lambda images: predict(net, images, "features").numpy()
+
+
+def fid_proxy_report(featurize: Featurize, samples: torch.Tensor, data: ImageData, n: int,
+                     seed: int = 0) -> dict[str, Any]:
+    """fid_proxy of `samples` (uint8) against n test images, with the real-vs-real floor at the same n."""
+    if len(samples) < n:
+        raise ValueError(f"need {n} samples for n_fid={n}; got {len(samples)}")
+    n_test = min(n, len(data.test_images))
+    rng = np.random.default_rng(seed)
+    test = data.test_images[rng.choice(len(data.test_images), n_test, replace=False)]
+    train = data.train_images[rng.choice(len(data.train_images), n, replace=False)]
+    f_test, f_train, f_gen = featurize(torch.from_numpy(test)), featurize(torch.from_numpy(train)), featurize(samples[:n])
+    return {
+        "fid_proxy": fid_from_features(f_gen, f_test),
+        "fid_proxy_floor": fid_from_features(f_train, f_test),
+        "kid_proxy": kid(f_gen, f_test, seed=seed),
+        "kid_proxy_floor": kid(f_train, f_test, seed=seed),
+        "n_fid": n,
+        "n_fid_reference": n_test,
+    }
+
+
+def inception_featurizer(weights_path: str | Path, device: str | torch.device = "cpu") -> Featurize:
+    """True FID features (2048-d pool) from torchvision's Inception-v3 with a state dict the user has on disk.
+
+    Nothing is downloaded: a missing file is an error. Gray images are repeated to 3 channels and resized to
+    299 x 299 bilinearly. torchvision's ImageNet weights differ slightly from the TF FID Inception, so compare
+    only numbers computed with the same weights file.
+    """
+    from torchvision.models import inception_v3
+
+    path = Path(weights_path)
+    if not path.exists():
+        raise FileNotFoundError(f"Inception weights not found at {path}; true FID needs them on disk "
+                                f"(nothing is downloaded)")
+    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    net.fc = nn.Identity()
+    net.eval().to(device)
+
+    @torch.no_grad()
+    def featurize(images: torch.Tensor) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), 64):
+            x = images[i:i + 64].to(device).float() / 255.0
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            mean = torch.tensor([0.485, 0.456, 0.406], device=device)[:, None, None]
+            std = torch.tensor([0.229, 0.224, 0.225], device=device)[:, None, None]
+            out.append(net((x - mean) / std).double().cpu())
+        return torch.cat(out).numpy()
+
+    return featurize

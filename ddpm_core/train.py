@@ -1,0 +1,206 @@
+"""Training on L_simple with AdamW, warm-up, gradient clipping and an EMA of the weights; resumable.
+
+Every random draw comes from saved generator states (the data order and the t / noise draws from two seeded
+generators, dropout from the global RNG), so a run killed at any moment and resumed from its last checkpoint
+ends, on CPU with the same thread count, with weights bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+import math
+from pathlib import Path
+from typing import Any, Callable, Literal
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import to_model_range
+from .diffusion import Objective
+from .losses import l_simple
+from .schedules import NoiseSchedule
+
+Precision = Literal["fp32", "bf16"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay_n = min(ema_decay, (1 + n) / (10 + n)), so early EMA weights are not stale
+    seed: int = 0
+    objective: Objective = "eps"
+    precision: Precision = "fp32"
+    compile: bool = False
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    ema_model: nn.Module
+    losses: np.ndarray  # L_simple of every step, [steps]
+    step: int
+    resumed_from: int  # 0 for a fresh run
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu; cuda without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device '{name}'; choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def ema_avg_fn(decay: float, warmup: bool) -> Callable:
+    """multi_avg_fn for torch.optim.swa_utils.AveragedModel: ema <- ema + (1 - d_n) (param - ema)."""
+
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
+        torch._foreach_lerp_(ema_params, [p.to(e.dtype) for e, p in zip(ema_params, params)], 1.0 - d)
+
+    return update
+
+
+class Trainer:
+    """Owns the optimisation state of one run; the model, schedule and data are given to it."""
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, cfg: TrainConfig,
+                 device: torch.device, meta: dict[str, Any] | None = None):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise TypeError("images must be a uint8 tensor [N, C, H, W]")
+        self.cfg, self.schedule, self.device, self.meta = cfg, schedule, device, dict(meta or {})
+        self.images = images  # stays uint8 on CPU; batches are scaled on the way to the device
+        self.model = model.to(device)
+        self.ema = AveragedModel(self.model, multi_avg_fn=ema_avg_fn(cfg.ema_decay, cfg.ema_warmup),
+                                 use_buffers=True)
+        fused = device.type == "cuda"
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=fused or None)
+        warmup = max(1, cfg.warmup_steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda k: min(1.0, (k + 1) / warmup))
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        torch.manual_seed(cfg.seed + 2)  # dropout draws from the global RNG, saved in every checkpoint
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.step = 0
+        self.losses: list[float] = []
+        if cfg.precision == "bf16" and device.type == "cpu":
+            warnings.warn("bf16 autocast on CPU was measured about 9x slower than fp32 here", stacklevel=2)
+
+    # --- one step ---------------------------------------------------------------------------------------
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self.images), (self.cfg.batch_size,), generator=self.data_gen)
+        x0 = to_model_range(self.images[idx]).to(self.device, non_blocking=True)
+        t = torch.randint(self.schedule.T, (len(idx),), generator=self.noise_gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
+        return x0, t, noise
+
+    def train_step(self) -> float:
+        self.model.train()
+        x0, t, noise = self.batch()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            loss = l_simple(self.forward, self.schedule, x0, t, noise, self.cfg.objective).mean()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"loss is {value} at step {self.step + 1}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.ema.update_parameters(self.model)
+        self.step += 1
+        self.losses.append(value)
+        return value
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state(),
+               "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+            "lr_scheduler": self.sched.state_dict(), "step": self.step, "rng": rng,
+            "losses": torch.tensor(self.losses, dtype=torch.float64), "train_config": asdict(self.cfg),
+            "schedule_betas": torch.from_numpy(np.array(self.schedule.betas)), "meta": self.meta,
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        check_compatible(ckpt["train_config"], asdict(self.cfg))
+        if not np.array_equal(ckpt["schedule_betas"].numpy(), self.schedule.betas):
+            raise ValueError("the checkpoint was trained with a different noise schedule")
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["lr_scheduler"])
+        self.step = int(ckpt["step"])
+        self.losses = ckpt["losses"].tolist()
+        self.data_gen.set_state(ckpt["rng"]["data"])
+        self.noise_gen.set_state(ckpt["rng"]["noise"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+
+
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A run may be resumed with more steps or other logging; anything else would mix two experiments."""
+    diff = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if diff:
+        pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in diff)
+        raise ValueError(f"checkpoint was written with other training settings ({pairs}); "
+                         f"use a new checkpoint path or the old settings")
+
+
+def train(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, cfg: TrainConfig,
+          checkpoint_path: str | Path, device: torch.device | str = "cpu", meta: dict[str, Any] | None = None,
+          on_log: Callable[[int, float, float], None] | None = None, progress: bool = True) -> TrainResult:
+    """Train until cfg.steps, resuming from `checkpoint_path` when it exists; checkpoints every
+    cfg.checkpoint_every steps and at the end. `on_log(step, loss, lr)` is called every cfg.log_every steps.
+    """
+    trainer = Trainer(model, schedule, images, cfg, torch.device(device), meta)
+    path = Path(checkpoint_path)
+    if path.exists():
+        trainer.load_state_dict(load_checkpoint(path, map_location=trainer.device))
+    start = trainer.step
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
+    while trainer.step < cfg.steps:
+        try:
+            loss = trainer.train_step()
+        except NonFiniteLossError as e:
+            bar.close()
+            kept = f"last good checkpoint kept at {path}" if path.exists() else "no checkpoint was written yet"
+            raise NonFiniteLossError(f"{e}; training stopped, {kept}") from None
+        bar.update(1)
+        if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if on_log is not None:
+                on_log(trainer.step, loss, trainer.sched.get_last_lr()[0])
+        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+            save_checkpoint(trainer.state_dict(), path)
+    bar.close()
+    return TrainResult(trainer.model, trainer.ema.module, np.asarray(trainer.losses), trainer.step, start)

@@ -1,0 +1,53 @@
+"""Checkpoints: atomic, tagged, and never unpickled into code."""
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from ddpm_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def test_round_trip_and_atomic_replace(tmp_path):
+    path = tmp_path / "sub" / "c.pt"
+    save_checkpoint({"step": 1, "w": torch.ones(3), "meta": {"a": [1, 2]}}, path)
+    save_checkpoint({"step": 2, "w": torch.zeros(3), "meta": {}}, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 2 and torch.equal(ckpt["w"], torch.zeros(3))
+    assert [p.name for p in path.parent.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def test_a_failed_write_keeps_the_old_checkpoint(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"step": 1}, path)
+    with pytest.raises(Exception):
+        save_checkpoint({"step": 2, "bad": lambda: 0}, path)  # not serialisable
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_code_in_a_pickle_is_refused_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": "ddpm_core.checkpoint", "x": Exploit()}, f)
+    with pytest.raises(CheckpointError, match="refused by weights_only"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_foreign_files_are_refused(tmp_path):
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a ddpm_core checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a zip at all")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")

@@ -1,0 +1,77 @@
+"""FID-proxy: Frechet distance closed forms, KID, the featurizer's training, reuse and report."""
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_core.data import load_digits
+from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_from_features, fid_proxy_report,
+                           frechet_distance, inception_featurizer, kid, load_or_train_featurizer)
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    sigma = a @ a.T + np.eye(6)
+    mu = rng.normal(size=6)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-9)
+    assert frechet_distance(mu, np.eye(6), mu + 2, np.eye(6)) == pytest.approx(24.0)
+    d1, d2 = rng.uniform(0.5, 3, 6), rng.uniform(0.5, 3, 6)  # diagonal: sum (sqrt(a) - sqrt(b))^2
+    expected = ((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum()
+    assert frechet_distance(mu, np.diag(d1), mu, np.diag(d2)) == pytest.approx(expected, rel=1e-9)
+    b = rng.normal(size=(6, 6))
+    s2 = b @ b.T + 0.1 * np.eye(6)
+    assert frechet_distance(mu, sigma, mu, s2) == pytest.approx(frechet_distance(mu, s2, mu, sigma), rel=1e-8)
+
+
+def test_fid_and_kid_from_samples():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(4000, 4)), rng.normal(size=(4000, 4))
+    z = rng.normal(loc=1.0, size=(4000, 4))
+    assert fid_from_features(x, y) < 0.02
+    assert fid_from_features(x, z) == pytest.approx(4.0, rel=0.05)
+    assert abs(kid(x, y)) < 0.01 and kid(x, z) > 0.1
+
+
+@pytest.fixture(scope="module")
+def digits_featurizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("feat") / "featurizer.pt"
+    data = load_digits()
+    cfg = FeaturizerConfig(epochs=4, batch_size=64, width=16, feature_dim=32)
+    net, info = load_or_train_featurizer(path, data, cfg, progress=False)
+    return path, data, cfg, net, info
+
+
+def test_featurizer_learns_the_classes_and_is_reused(digits_featurizer):
+    path, data, cfg, net, info = digits_featurizer
+    assert info["accuracy"] > 0.85 and info["data_checksum"] == data.checksum()
+    mtime = path.stat().st_mtime_ns
+    net2, info2 = load_or_train_featurizer(path, data, cfg, progress=False)
+    assert path.stat().st_mtime_ns == mtime and info2 == info
+    x = torch.from_numpy(data.test_images[:20])
+    np.testing.assert_array_equal(classifier_featurize(net)(x), classifier_featurize(net2)(x))
+
+
+def test_featurizer_training_is_deterministic(digits_featurizer, tmp_path):
+    _, data, cfg, net, info = digits_featurizer
+    _, info2 = load_or_train_featurizer(tmp_path / "again.pt", data, cfg, progress=False)
+    assert info2["accuracy"] == info["accuracy"]
+
+
+def test_report_orders_real_noise_and_floor(digits_featurizer):
+    _, data, _, net, info = digits_featurizer
+    featurize = classifier_featurize(net)
+    n = 200
+    real = torch.from_numpy(data.train_images[-n:])
+    noise = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    good, bad = fid_proxy_report(featurize, real, data, n), fid_proxy_report(featurize, noise, data, n)
+    assert bad["fid_proxy"] > 5 * good["fid_proxy"]
+    assert good["fid_proxy_floor"] == bad["fid_proxy_floor"] and good["n_fid"] == n
+    assert bad["kid_proxy"] > good["kid_proxy"]
+    with pytest.raises(ValueError, match="need 300 samples"):
+        fid_proxy_report(featurize, real, data, 300)
+
+
+def test_true_fid_needs_weights_on_disk(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        inception_featurizer(tmp_path / "inception.pth")

