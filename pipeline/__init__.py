@@ -1,0 +1,1 @@
+"""The project's pipeline: params validation, DVC stage commands, MLflow tracking, reports."""

@@ -1,0 +1,46 @@
+"""`python -m pipeline STAGE`: check | prepare | featurizer | train | sample | evaluate.
+
+Every stage validates params.yaml first; an expected failure prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+STAGES = ("check", "prepare", "featurizer", "train", "sample", "evaluate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] not in STAGES:
+        print(f"usage: python -m pipeline {{{'|'.join(STAGES)}}}", file=sys.stderr)
+        return 2
+    for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true")):
+        os.environ.setdefault(key, value)
+    from ddpm_core.checkpoint import CheckpointError
+    from ddpm_core.data import DataError
+    from ddpm_core.schedules import ScheduleError
+    from ddpm_core.train import NonFiniteLossError
+
+    from . import paths, stages
+    from .params import ParamsError, load_params
+    from .tracking import TrackingError
+
+    expected = (ParamsError, DataError, ScheduleError, CheckpointError, NonFiniteLossError, TrackingError)
+    try:
+        params = load_params()
+        if argv[0] == "check":
+            paths.BUILD.mkdir(exist_ok=True)
+            (paths.BUILD / "params.ok").write_text("params.yaml is valid\n")
+            print("check: params.yaml is valid")
+        else:
+            getattr(stages, argv[0])(params)
+    except expected as e:
+        print(f"error: {argv[0]}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

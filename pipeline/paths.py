@@ -1,0 +1,42 @@
+"""Where each stage reads and writes, relative to the repository root (dvc.yaml lists the same paths;
+tests/test_pipeline.py checks that they agree)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BUILD = Path("build")
+DATA = BUILD / "data.npz"                   # prepare: uint8 images and labels, both splits
+DATA_INFO = BUILD / "data.json"             # prepare: sha256 of the arrays, shapes, source
+FEATURIZER = BUILD / "featurizer.pt"        # featurizer: the FID-proxy classifier
+FEATURIZER_INFO = BUILD / "featurizer.json"
+TRAIN_STATE = BUILD / "train_state"         # train: scratch checkpoints, by config fingerprint (not a DVC out)
+MODEL = BUILD / "model.pt"                  # train: the final checkpoint (model + EMA + config)
+SAMPLES = BUILD / "samples.npz"             # sample: uint8 samples
+REPORTS = Path("reports")
+TRAIN_CURVE = REPORTS / "train_loss.csv"
+SAMPLE_GRID = REPORTS / "samples.png"
+SAMPLE_STATS = REPORTS / "sample.json"
+METRICS = REPORTS / "metrics.json"
+BPD_PER_T = REPORTS / "bpd_per_t.csv"
+BPD_PLOT = REPORTS / "bpd_per_t.png"
+LOSS_PLOT = REPORTS / "train_loss.png"
+SUMMARY = REPORTS / "summary.md"
+MLFLOW_RUN = REPORTS / "mlflow_run.json"
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The user's project folder, also from inside a DVC experiment copy (<root>/.dvc/tmp/exps/...).
+
+    DDPM_PROJECT_ROOT overrides it. MLflow's embedded store lives here, so runs made in temporary copies
+    are not lost with them.
+    """
+    if os.environ.get("DDPM_PROJECT_ROOT"):
+        return Path(os.environ["DDPM_PROJECT_ROOT"]).resolve()
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 4] == (".dvc", "tmp", "exps", parts[i + 3]) and i > 0:
+            return Path(*parts[:i])
+    return cwd

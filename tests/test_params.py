@@ -1,0 +1,76 @@
+"""params.yaml validation: every bad value stops with one line naming key, value and what is allowed."""
+
+import copy
+
+import pytest
+import yaml
+
+from pipeline.params import PARAMS_FILE, ParamsError, load_params, validate
+from pipeline.__main__ import main
+
+DEFAULTS = yaml.safe_load(PARAMS_FILE.read_text())
+
+
+def with_(section, key, value):
+    raw = copy.deepcopy(DEFAULTS)
+    raw[section][key] = value
+    return raw
+
+
+def test_the_shipped_params_are_valid():
+    p = load_params()
+    assert p.data["dataset"] == "fashion_mnist" and "train.lr" in p.flat()
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train", "lr", -1, r"train.lr = -1 is not allowed: must be a number > 0"),
+    ("train", "steps", "many", r"train.steps = 'many' has the wrong type: must be an integer >= 1"),
+    ("train", "steps", 1.5, r"train.steps = 1.5 has the wrong type"),
+    ("train", "ema_warmup", "yes", r"train.ema_warmup = 'yes' has the wrong type: must be true or false"),
+    ("train", "batch_size", True, r"train.batch_size = True has the wrong type"),
+    ("train", "device", "tpu", r"train.device = 'tpu' is not allowed: must be one of auto, cpu, cuda"),
+    ("data", "dataset", "svhn", r"data.dataset = 'svhn' is not allowed: must be one of fashion_mnist, mnist"),
+    ("diffusion", "schedule", "cubic", r"diffusion.schedule = 'cubic' is not allowed: must be one of linear"),
+    ("diffusion", "T", 10, r"diffusion.T = 10 does not work with diffusion.schedule = 'linear': .*T >= 21"),
+    ("model", "channel_mults", [], r"model.channel_mults = \[\] is not allowed"),
+    ("model", "dropout", 1.0, r"model.dropout = 1.0 is not allowed: must be a number in \[0, 1\)"),
+    ("sample", "steps", 5000, r"sample.steps = 5000 is not allowed: must be in \[2, diffusion.T = 1000\]"),
+    ("sample", "sampler", "plms", r"sample.sampler = 'plms' is not allowed: must be one of ancestral, ddim"),
+    ("evaluate", "n_fid", 10_000, r"evaluate.n_fid = 10000 is not allowed: must be <= sample.n"),
+])
+def test_bad_values_name_key_value_and_allowed(section, key, value, message):
+    with pytest.raises(ParamsError, match=message):
+        validate(with_(section, key, value))
+
+
+def test_unknown_and_missing_keys():
+    raw = with_("train", "lrr", 0.1)
+    with pytest.raises(ParamsError, match=r"unknown key train.lrr = 0.1: allowed keys in train are steps, "):
+        validate(raw)
+    raw = copy.deepcopy(DEFAULTS)
+    del raw["sample"]["seed"]
+    with pytest.raises(ParamsError, match=r"missing key sample.seed"):
+        validate(raw)
+    raw = copy.deepcopy(DEFAULTS)
+    raw["optimizer"] = {}
+    with pytest.raises(ParamsError, match=r"unknown section 'optimizer'"):
+        validate(raw)
+
+
+def test_cosine_accepts_small_T():
+    raw = with_("diffusion", "schedule", "cosine")
+    raw["diffusion"]["T"] = 10
+    raw["sample"]["steps"] = 10
+    assert validate(raw).diffusion["T"] == 10
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_("train", "lr", 0)))
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: check: train.lr = 0 is not allowed: must be a number > 0"]
+    assert not (tmp_path / "build").exists()
+    (tmp_path / "params.yaml").write_text("data: [unclosed")
+    assert main(["prepare"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err

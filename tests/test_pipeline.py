@@ -1,0 +1,164 @@
+"""The DVC pipeline end to end on a tiny digits configuration, in a temporary Git repository, with MLflow."""
+
+import json
+import os
+from pathlib import Path
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline import paths
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)
+
+TINY = {
+    "data": {"dataset": "digits"},
+    "diffusion": {"T": 50},
+    "model": {"channels": 16, "channel_mults": [1, 2], "attention_resolutions": [4]},
+    "train": {"steps": 30, "batch_size": 32, "checkpoint_every": 10, "threads": 1},
+    "featurizer": {"epochs": 1},
+    "sample": {"n": 40, "steps": 10, "batch_size": 40},
+    "evaluate": {"n_bpd": 4, "n_fid": 40, "chunk_size": 100},
+}
+
+
+def run(cmd, cwd, check=True, env=None):
+    full_env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "DVC_NO_ANALYTICS": "1",
+                "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None) if not (env or {}).get("MLFLOW_TRACKING_URI") else None
+    out = subprocess.run(cmd, cwd=cwd, shell=True, capture_output=True, text=True, env=full_env)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def make_project(folder: Path) -> Path:
+    for name in ("ddpm_core", "pipeline"):
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, folder / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run("git init -q && git config user.email t@t && git config user.name t && dvc init -q "
+        "&& dvc config core.analytics false && git add -A && git commit -qm init", folder)
+    return folder
+
+
+def mlflow_runs(folder: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ddpm")
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    folder = make_project(tmp_path_factory.mktemp("project"))
+    run("dvc repro", folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_repro_builds_every_result(project):
+    metrics = json.loads((project / paths.METRICS).read_text())
+    for key in ("bpd", "prior_bpd", "decoder_bpd", "fid_proxy", "fid_proxy_floor", "classifier_accuracy",
+                "n_fid", "sample_seconds"):
+        assert key in metrics, key
+    assert metrics["n_fid"] == 40 and metrics["bpd"] > 0 and metrics["fid_proxy"] > 0
+    assert metrics["bpd"] == pytest.approx(metrics["prior_bpd"] + sum(
+        float(line.split(",")[1]) for line in (project / paths.BPD_PER_T).read_text().splitlines()[1:]), rel=1e-5)
+    for png in (paths.SAMPLE_GRID, paths.LOSS_PLOT, paths.BPD_PLOT):
+        assert (project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert len((project / paths.TRAIN_CURVE).read_text().splitlines()) == 31
+    assert "| fid_proxy |" in (project / paths.SUMMARY).read_text()
+
+
+@pytest.mark.slow
+def test_mlflow_records_one_complete_run(project):
+    client, runs = mlflow_runs(project)
+    assert len(runs) == 1
+    run_info = json.loads((project / paths.MLFLOW_RUN).read_text())
+    r = runs[0]
+    assert r.info.run_id == run_info["run_id"]
+    assert r.data.params["train.steps"] == "30" and r.data.params["data.dataset"] == "digits"
+    assert r.data.metrics["fid_proxy"] == json.loads((project / paths.METRICS).read_text())["fid_proxy"]
+    assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 30
+    assert r.data.tags["data_sha256"] == json.loads((project / paths.DATA_INFO).read_text())["sha256"]
+    assert len(r.data.tags["git_commit"]) == 40
+    names = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"samples.png", "train_loss.png", "bpd_per_t.png", "summary.md"} <= names
+    versions = client.search_model_versions("name='ddpm-digits'")
+    assert len(versions) == 1 and versions[0].run_id == r.info.run_id
+
+
+@pytest.mark.slow
+def test_second_repro_does_nothing_and_says_so(project):
+    out = run("dvc repro", project)
+    assert "Data and pipelines are up to date" in out.stdout
+    assert len(mlflow_runs(project)[1]) == 1
+
+
+@pytest.mark.slow
+def test_bad_params_stop_before_any_output_is_touched(project):
+    before = (project / paths.METRICS).read_bytes()
+    model = (project / paths.MODEL).stat().st_mtime_ns
+    out = run("dvc repro -S train.lr=-1 2>&1 || dvc exp run -S train.lr=-1", project, check=False)
+    assert out.returncode != 0
+    assert "train.lr = -1 is not allowed: must be a number > 0" in out.stdout + out.stderr
+    assert (project / paths.METRICS).read_bytes() == before
+    assert (project / paths.MODEL).stat().st_mtime_ns == model
+    run("git checkout params.yaml", project)
+
+
+@pytest.mark.slow
+def test_run_cache_restore_makes_no_duplicate_run(project):
+    run("dvc exp run -S sample.seed=1", project)  # really computes sample + evaluate: one new run
+    _, runs = mlflow_runs(project)
+    assert len(runs) == 2
+    out = run("dvc exp run -S sample.seed=0", project)  # back to the first result: restored from run-cache
+    assert "Stage 'evaluate' is cached" in out.stdout + out.stderr
+    _, runs_after = mlflow_runs(project)
+    assert len(runs_after) == 2
+    restored = json.loads((project / paths.MLFLOW_RUN).read_text())["run_id"]
+    assert restored in {r.info.run_id for r in runs_after}
+
+
+@pytest.mark.slow
+def test_temp_experiment_logs_into_the_project_store(project):
+    _, before = mlflow_runs(project)
+    run("dvc exp run --temp -S evaluate.seed=3", project)
+    _, after = mlflow_runs(project)
+    assert len(after) == len(before) + 1
+    assert not (project / "mlruns").exists()
+
+
+def test_dvc_yaml_paths_match_the_code():
+    text = (ROOT / "dvc.yaml").read_text()
+    for name in ("DATA", "FEATURIZER", "MODEL", "SAMPLES", "METRICS", "BPD_PER_T", "SAMPLE_GRID", "TRAIN_CURVE",
+                 "SUMMARY", "MLFLOW_RUN", "LOSS_PLOT", "BPD_PLOT", "SAMPLE_STATS"):
+        assert str(getattr(paths, name)) in text, name
+
+
+def test_project_root_is_found_from_a_dvc_experiment_copy(tmp_path, monkeypatch):
+    monkeypatch.delenv("DDPM_PROJECT_ROOT", raising=False)
+    copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12"
+    copy.mkdir(parents=True)
+    assert paths.project_root(copy) == tmp_path / "proj"
+    assert paths.project_root(tmp_path) == tmp_path
+
+
+def test_unreachable_tracking_server_is_reported_before_training(monkeypatch):
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.raises(tracking.TrackingError, match=r"MLflow tracking server at http://127.0.0.1:9 is unreachable"):
+        tracking.check_reachable(timeout=2)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.tracking_uri().startswith("sqlite:///") and tracking.tracking_uri().endswith("mlflow/mlflow.db")
