@@ -45,8 +45,10 @@ def make_project(folder: Path) -> Path:
     for section, values in TINY.items():
         params[section].update(values)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run("git init -q && git config user.email t@t && git config user.name t && dvc init -q "
-        "&& dvc config core.analytics false && git add -A && git commit -qm init", folder)
+    run("git init -q && git config user.email t@t && git config user.name t && dvc init -q", folder)
+    shutil.copy(ROOT / ".dvc" / "config", folder / ".dvc" / "config")
+    shutil.copytree(ROOT / ".dvc" / "plots", folder / ".dvc" / "plots")
+    run("git add -A && git commit -qm init", folder)
     return folder
 
 
@@ -103,6 +105,14 @@ def test_second_repro_does_nothing_and_says_so(project):
     out = run("dvc repro", project)
     assert "Data and pipelines are up to date" in out.stdout
     assert len(mlflow_runs(project)[1]) == 1
+
+
+@pytest.mark.slow
+def test_plots_render_offline(project):
+    run("dvc plots show -o plots_html", project)
+    html = (project / "plots_html" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in html and "vega-embed 6.29.0" in html
+    assert "bpd_per_t.csv" in html and "train_loss.csv" in html
 
 
 @pytest.mark.slow
