@@ -65,7 +65,8 @@ def sample(model: EpsModel, schedule: NoiseSchedule, n: int, image_shape: tuple[
            device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
     """n samples in [-1, 1], shape [n, C, H, W], on `steps` respaced steps (None = all T), in batches.
 
-    Batch b uses the generator seeded with (seed, b), so a sample does not depend on how many are drawn.
+    Batch b draws from a generator seeded from (seed, b): the same seed and batch_size give the same samples,
+    and the first batches do not change when more samples are asked for.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
