@@ -6,13 +6,20 @@ going down and one more coming up, with self-attention after every block at the 
 embedding and an MLP. Sizes that do not halve evenly (28 -> 14 -> 7 -> 4) are handled by upsampling to the
 skip connection's size.
 
-Speed (CPU, benchmarks/bench_unet.py): the parameters and the function are those of the plain layers
-(nn.Conv2d, nearest upsampling, torch.cat); some are evaluated in a cheaper but equal form:
-- `pointwise`: 1x1 convolutions as one batched matmul, optionally with the residual add fused in;
-- `upsample_conv`: nearest 2x upsampling followed by a 3x3 conv is a stride-2 transposed conv with a 4x4 kernel
-  built from the 3x3 one (4/9 of the FLOPs, no upsampled intermediate);
-- in-place adds on fresh conv outputs (autograd does not save a conv's output), no dropout call when p = 0.
-tests/test_unet.py checks each against the plain computation.
+Speed (CPU; benchmarks/bench_unet.py, reports/benchmarks/unet.md). The parameters, their names and the function
+are those of the plain layers (nn.Conv2d, nearest upsampling, torch.cat); some are evaluated in a cheaper form
+that is equal up to float rounding (tests/test_unet.py checks each against the plain computation, in float64):
+- `upsample_conv`: nearest 2x upsampling then a 3x3 conv is one stride-2 transposed conv with a 4x4 kernel built
+  from the 3x3 one: 4/9 of the FLOPs and no 4x-sized intermediate (~10% of a 28x28 training step);
+- `norm_act_conv` / ResBlock(x, emb, skip): the up path's concatenation [h, skip] is never made; GroupNorm and
+  the first conv run per part with parameter slices, the 1x1 skip conv as two accumulating matmuls (~7%);
+- `pointwise`: 1x1 convs as batched matmuls (oneDNN runs them at about half speed), with the residual add
+  folded into the matmul; `attention`: projections as single GEMMs over [N*HW, C] rows, bmm softmax
+  attention at few positions; `conv_in_im2col` / `conv_out_col2im`: the image-channel convs, which oneDNN
+  handles poorly, as matmuls (~1-2% each);
+- in-place adds on fresh conv outputs (autograd does not keep a conv's output), no dropout call when p = 0.
+Tried without gain on this 2-core AVX2 CPU: channels_last (GroupNorm is 2-3x slower there, eating the saved
+oneDNN reorders), im2col+GEMM forward for 3x3 convs (page-faults on its big buffer), a matmul weight gradient.
 """
 
 from __future__ import annotations
@@ -100,7 +107,7 @@ def conv_out_col2im(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return conv(x)
     n, c, h, w = x.shape
     taps = conv.weight.flip(-1, -2).permute(0, 2, 3, 1).reshape(-1, c)  # [Cout*9, Cin], rows (o, ky, kx)
-    cols = torch.matmul(taps, x.reshape(n, c, h * w))  # [N, Cout*9, HW]
+    cols = torch.bmm(taps[None].expand(n, -1, -1), x.reshape(n, c, h * w))  # [N, Cout*9, HW]
     return F.fold(cols, (h, w), 3, padding=1) + conv.bias[:, None, None]
 
 
@@ -168,6 +175,19 @@ class ResBlock(nn.Module):
 SMALL_ATTENTION = 256  # positions (16x16) up to which attention materialises its [N, HW, HW] weights
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(C)) v for q, k, v [N, L, C] -> [N, L, C].
+
+    For few positions the [N, L, L] weights are small and two bmm with a softmax beat the CPU fused kernel's
+    backward (1.6x slower at 7x7); beyond SMALL_ATTENTION positions, F.scaled_dot_product_attention, which
+    does not materialise them.
+    """
+    if q.shape[1] > SMALL_ATTENTION:
+        return F.scaled_dot_product_attention(q, k, v)
+    weights = torch.softmax(torch.bmm(q, k.transpose(1, 2)).mul_(q.shape[-1] ** -0.5), dim=-1)  # [N, Lq, Lk]
+    return torch.bmm(weights, v)
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, residual; q, k, v from one 1x1 projection."""
 
@@ -179,15 +199,13 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        q, k, v = pointwise(self.qkv, self.norm(x)).reshape(n, 3, c, h * w).unbind(1)  # [N, C, HW] each
-        if h * w > SMALL_ATTENTION:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            return x + pointwise(self.proj, out.transpose(1, 2).reshape(n, c, h, w))
-        # Few positions: the [N, HW, HW] weights are small, and two bmm in the [N, C, HW] layout need no
-        # transposed copies (CPU SDPA's backward costs 1.6x this). Same softmax(q^T k / sqrt(C)) v.
-        weights = torch.softmax(torch.bmm(q.transpose(1, 2), k).mul_(c ** -0.5), dim=-1)  # [N, HWq, HWk]
-        out = torch.bmm(v, weights.transpose(1, 2)).view(n, c, h, w)  # [N, C, HWq]
-        return pointwise(self.proj, out, residual=x + self.proj.bias[:, None, None])
+        # Positions as rows, [N*HW, C] (a small copy at attention resolutions): each projection is then one
+        # GEMM over the whole batch instead of N thin ones, and q, k, v come out as the [N, HW, C] attention wants.
+        rows = self.norm(x).permute(0, 2, 3, 1).reshape(n * h * w, c)
+        qkv = torch.addmm(self.qkv.bias, rows, self.qkv.weight.view(3 * c, c).t()).view(n, h * w, 3 * c)
+        out = attention(*qkv.split(c, dim=2)).reshape(n * h * w, c)  # [N*HW, C]
+        proj = torch.addmm(self.proj.bias, out, self.proj.weight.view(c, c).t())
+        return x + proj.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class Level(nn.Module):

@@ -262,3 +262,15 @@ def test_cuda_matches_cpu() -> None:
     expected = net(x, t)
     out = net.cuda()(x.cuda(), t.cuda()).cpu()
     torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_exact_2x_upsampling_skips_interpolate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 28 (28 -> 14 -> 7) every upsample is an exact 2x, so the transposed-conv path is the one taken."""
+    net = small(28, 1, channel_mults=[1, 2, 2], attention_resolutions=[7])
+    x, t = inputs(1, 1, 28)
+
+    def no_interpolate(*args, **kwargs):
+        raise AssertionError("F.interpolate called on an exact 2x upsample")
+
+    monkeypatch.setattr(unet_mod.F, "interpolate", no_interpolate)
+    assert net(x, t).shape == x.shape
