@@ -6,12 +6,13 @@ round, the order alternating, and medians over rounds are reported):
    base and a larger config, ours against diffusers built with the same channels (same parameter count);
    ours with AdamW(fused=True) as an extra, separate figure;
 2. achieved FLOP/s of a training step (FLOPs from torch.utils.flop_counter.FlopCounterMode, i.e. the FLOPs each
-   network actually executes) as a fraction of a 2048x2048 fp32 matmul's FLOP/s measured in the same rounds;
+   network actually executes) as a fraction of a 2048x2048 fp32 matmul's FLOP/s measured in the same rounds
+   (best of 3 back-to-back products per round); the median over rounds of each round's fraction;
 3. ELBO evaluation throughput (ddpm_core.elbo.nll_bpd, image-steps/s = N*T/s) against the raw no_grad forward
    throughput of the same network at the same batch (= chunk) size.
 
 Writes reports/benchmarks/unet.json and unet.md. Usage:
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_unet.py [--repeats 5] [--quick]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_unet.py [--repeats 7] [--quick] [--threads N]
 """
 
 from __future__ import annotations
@@ -89,11 +90,13 @@ def train_step(net: torch.nn.Module, batch: int, fused: bool = False) -> Step:
 
 
 def timed(fn: Callable[[], object], n: int) -> float:
-    """Seconds per call of fn, over n calls."""
-    t0 = time.perf_counter()
+    """Seconds per call of fn, over n calls; a call returning a float reports its own duration instead."""
+    total = 0.0
     for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n
+        t0 = time.perf_counter()
+        own = fn()
+        total += own if isinstance(own, float) else time.perf_counter() - t0
+    return total / n
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -108,22 +111,29 @@ def cpu_seconds() -> tuple[float, float]:
     return busy, own
 
 
+def round_order(names: list[str], calls: int, r: int) -> list[str]:
+    """Call order within round r: mirrored passes (A B C C B A ...) so that a drift of the machine's speed during
+    the round costs every fn the same; the starting order alternates between rounds."""
+    first = names if r % 2 == 0 else names[::-1]
+    return [name for i in range(calls) for name in (first if i % 2 == 0 else first[::-1])]
+
+
 def interleave(fns: dict[str, Callable[[], object]], calls: int, repeats: int,
                max_foreign: float = 0.15, max_retries: int = 5) -> tuple[dict[str, list[float]], int]:
-    """Seconds per call of each fn over `repeats` rounds, and the number of discarded rounds.
-
-    Within a round every fn runs `calls` times, the order alternating (forward, reversed) between rounds so a
-    slow phase of the machine hits all alike. A round during which other processes used more than
-    `max_foreign` CPUs on average is discarded and rerun (up to `max_retries` times in all): 2 busy threads
-    beside ours slow small ops by 10x, which a median over a few rounds does not hide.
+    """Seconds per call of each fn over `repeats` rounds (each fn `calls` times per round), and the number of
+    discarded rounds. A round during which other processes used more than `max_foreign` CPUs on average is
+    discarded and rerun (up to `max_retries` times in all): 2 busy threads beside ours slow small ops by 10x,
+    which a median over a few rounds does not hide. (Slowdowns from outside this machine stay invisible.)
     """
     for fn in fns.values():  # warm-up: allocator, oneDNN primitive caches
         fn()
     out: dict[str, list[float]] = {k: [] for k in fns}
-    names, done, discarded = list(fns), 0, 0
+    done, discarded = 0, 0
     while done < repeats:
         (busy0, own0), wall0 = cpu_seconds(), time.perf_counter()
-        row = {name: timed(fns[name], calls) for name in (names if done % 2 == 0 else names[::-1])}
+        row = {name: 0.0 for name in fns}
+        for name in round_order(list(fns), calls, done):
+            row[name] += timed(fns[name], 1) / calls
         (busy1, own1), wall = cpu_seconds(), time.perf_counter() - wall0
         if ((busy1 - busy0) - (own1 - own0)) / wall > max_foreign and discarded < max_retries:
             discarded += 1
@@ -141,9 +151,16 @@ def step_flops(step: Step) -> int:
     return counter.get_total_flops()
 
 
-def matmul_fn(n: int = 2048) -> tuple[Callable[[], object], int]:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return (lambda: torch.mm(a, b)), 2 * n ** 3
+class Matmul:
+    """fp32 [n, n] @ [n, n]; a call runs it `tries` times back to back and returns the best time, since the
+    first run after the network's steps pays for thread-pool and clock warm-up."""
+
+    def __init__(self, n: int = 2048, tries: int = 3):
+        self.a, self.b, self.out, self.tries = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n), tries
+        self.flops = 2 * n ** 3
+
+    def __call__(self) -> float:
+        return min(timed(lambda: torch.mm(self.a, self.b, out=self.out), 1) for _ in range(self.tries))
 
 
 def median_ratio(num: list[float], den: list[float]) -> float:
@@ -161,9 +178,9 @@ def bench_training(cfg_name: str, batch: int, repeats: int, calls: int, with_fus
         ours_fused = build_unet(cfg, IMAGE_CHANNELS, IMAGE_SIZE)
         steps["ours_fused_adamw"] = train_step(ours_fused, batch, fused=True)
     flops = {k: step_flops(s) for k, s in steps.items()}
-    mm, mm_flops = matmul_fn()
+    mm = Matmul()
     secs, discarded = interleave({**steps, "matmul": mm}, calls, repeats)
-    mm_rate = [mm_flops / s for s in secs.pop("matmul")]
+    mm_rate = [mm.flops / s for s in secs.pop("matmul")]
     res: dict = {"config": cfg, "batch": batch, "params": {"ours": n_params(ours), "diffusers": n_params(theirs)},
                  "matmul_2048_gflops": statistics.median(mm_rate) / 1e9, "discarded_rounds": discarded,
                  "models": {}}
@@ -257,13 +274,15 @@ def markdown(report: dict) -> str:
               f" image-steps/s, ratio **{e['elbo_over_forward']:.0%}**.", "",
               "FLOPs are those each network executes (FlopCounterMode): ours computes the nearest-upsample + 3x3 "
               "conv as a 4x4 stride-2 transposed conv, so its step has fewer FLOPs than diffusers' for the same "
-              "function; see docstring of ddpm_core/unet.py."]
+              "function (see ddpm_core/unet.py). Fraction of matmul: a step's FLOP/s over the fp32 2048x2048 "
+              "matmul's (best of 3) in the same round, median over rounds. Ratios are medians of per-round "
+              "ratios; within a round the models run in mirrored order (A B B A) against drift."]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per measurement (median)")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds per measurement (median)")
     p.add_argument("--quick", action="store_true", help="base config only, fewer calls: a smoke run (~1 min)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--elbo-images", type=int, default=8)
@@ -282,7 +301,7 @@ def main(argv: list[str]) -> dict:
     report: dict = {"environment": environment(argv), "repeats": repeats, "training": {}}
     configs = ["base"] if args.quick else ["base", "large"]
     for name in configs:
-        calls = 1 if args.quick else 2
+        calls = 1 if args.quick or name == "large" else 2
         report["training"][name] = bench_training(name, args.batch, repeats, calls, with_fused=name == "base")
         print(json.dumps({name: {k: v["images_per_s"] for k, v in report["training"][name]["models"].items()}}))
     n_img, T = (4, 50) if args.quick else (args.elbo_images, args.elbo_T)
