@@ -112,7 +112,10 @@ def conv_out_col2im(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels // 4) if channels >= 8 else 1, channels, eps=1e-6)
+    """32 groups as in DDPM, fewer for narrow layers (at least 4 channels a group), always a divisor of the
+    width, so any `channels` x `channel_mults` works (e.g. 136 channels: 17 groups of 8)."""
+    limit = min(32, max(1, channels // 4))
+    return nn.GroupNorm(max(g for g in range(1, limit + 1) if channels % g == 0), channels, eps=1e-6)
 
 
 def parts_slices(parts: Sequence[torch.Tensor]) -> list[slice]:

@@ -87,6 +87,16 @@ def test_output_shape_equals_input_shape(size: int, mults: list[int]) -> None:
     assert net(x, t).shape == x.shape
 
 
+@pytest.mark.parametrize("channels, groups", [(136, 17), (96, 24), (36, 9), (128, 32), (16, 4), (6, 1)])
+def test_group_norm_groups_divide_every_width(channels: int, groups: int) -> None:
+    assert unet_mod.group_norm(channels).num_groups == groups
+
+
+def test_width_that_is_not_a_power_of_two_builds_and_runs() -> None:
+    x, t = inputs(2, 1, 8)
+    assert small(8, 1, channels=36, channel_mults=[1, 2])(x, t).shape == x.shape
+
+
 def test_rgb_output_shape() -> None:
     x, t = inputs(2, 3, 16)
     assert small(16, 3)(x, t).shape == (2, 3, 16, 16)
