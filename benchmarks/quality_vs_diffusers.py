@@ -28,13 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ddpm_core.data import from_model_range, load_dataset, to_model_range  # noqa: E402
-from ddpm_core.fid import FeaturizerConfig, classifier_featurize, fid_proxy_report, load_or_train_featurizer  # noqa: E402
+from ddpm_core.fid import classifier_featurize, fid_proxy_report, load_or_train_featurizer  # noqa: E402
 from ddpm_core.sampling import sample as draw_samples  # noqa: E402
 from ddpm_core.schedules import NoiseSchedule  # noqa: E402
 from ddpm_core.unet import build_unet  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.reports import save_grid  # noqa: E402
-from pipeline.stages import train_config  # noqa: E402
+from pipeline.stages import featurizer_config, train_config  # noqa: E402
 from ddpm_core.train import Trainer  # noqa: E402
 
 OUT = ROOT / "reports" / "benchmarks"
@@ -104,8 +104,7 @@ def main() -> None:
     torch.set_num_threads(ARGS.threads)
     data = load_dataset("fashion_mnist")
     p = load_params(ROOT / "params.yaml")
-    feat, info = load_or_train_featurizer(ROOT / "build" / "featurizer.pt", data, FeaturizerConfig(
-        epochs=p.featurizer["epochs"], seed=p.featurizer["seed"]))
+    feat, info = load_or_train_featurizer(ROOT / "build" / "featurizer.pt", data, featurizer_config(p))
     featurize = classifier_featurize(feat)
     images = torch.from_numpy(data.train_images)
     results = {}

@@ -21,7 +21,7 @@ from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import ImageData, to_model_range
 
 Featurize = Callable[[torch.Tensor], np.ndarray]  # uint8 [N, C, H, W] -> float64 features [N, D]
@@ -101,9 +101,11 @@ def train_classifier(data: ImageData, cfg: FeaturizerConfig, device: str | torch
 
 
 def load_or_train_featurizer(path: str | Path, data: ImageData, cfg: FeaturizerConfig = FeaturizerConfig(),
-                             device: str | torch.device = "cpu", progress: bool = True) -> tuple[Classifier, dict]:
+                             device: str | torch.device = "cpu", progress: bool = True,
+                             train_missing: bool = True) -> tuple[Classifier, dict]:
     """Reuse the featurizer at `path` when it was trained on the same data with the same config, else train
-    and save one. Returns the classifier and its info (data checksum, test accuracy, config)."""
+    and save one (or, with train_missing=False, refuse). Returns the classifier and its info (data checksum,
+    test accuracy, config)."""
     path, checksum = Path(path), data.checksum()
     if path.exists():
         ckpt = load_checkpoint(path, map_location=device)
@@ -112,6 +114,9 @@ def load_or_train_featurizer(path: str | Path, data: ImageData, cfg: FeaturizerC
             net = Classifier(data.image_shape[0], data.num_classes, cfg.width, cfg.feature_dim).to(device)
             net.load_state_dict(ckpt["model"])
             return net, info
+    if not train_missing:
+        raise CheckpointError(f"{path} is missing or was trained on other data or another config than "
+                              f"{asdict(cfg)}; rebuild it (`dvc repro featurizer`)")
     net, accuracy = train_classifier(data, cfg, device, progress)
     info = {"data_checksum": checksum, "dataset": data.name, "accuracy": accuracy, "config": asdict(cfg)}
     save_checkpoint({"model": net.state_dict(), "info": info}, path)

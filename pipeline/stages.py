@@ -63,11 +63,14 @@ def load_prepared() -> ImageData:
 
 
 # --- featurizer ------------------------------------------------------------------------------------------
+def featurizer_config(p: Params) -> FeaturizerConfig:
+    return FeaturizerConfig(epochs=p.featurizer["epochs"], seed=p.featurizer["seed"])
+
+
 def featurizer(p: Params) -> None:
     set_threads(p)
     data = load_prepared()
-    cfg = FeaturizerConfig(epochs=p.featurizer["epochs"], seed=p.featurizer["seed"])
-    _, info = load_or_train_featurizer(paths.FEATURIZER, data, cfg)
+    _, info = load_or_train_featurizer(paths.FEATURIZER, data, featurizer_config(p))
     write_json(paths.FEATURIZER_INFO, info)
     print(f"featurizer: test accuracy {info['accuracy']:.4f}")
 
@@ -154,8 +157,7 @@ def evaluate(p: Params) -> None:
     gen = torch.Generator(device=device).manual_seed(e["seed"])
     bpd = nll_bpd(net, schedule, x0, p.diffusion["variance"], p.diffusion["objective"], e["chunk_size"], gen,
                   progress=True)
-    feat, info = load_or_train_featurizer(paths.FEATURIZER, data, FeaturizerConfig(
-        epochs=p.featurizer["epochs"], seed=p.featurizer["seed"]), device)
+    feat, info = load_or_train_featurizer(paths.FEATURIZER, data, featurizer_config(p), device, train_missing=False)
     with np.load(paths.SAMPLES) as z:
         samples = torch.from_numpy(z["images"])
     fid = fid_proxy_report(classifier_featurize(feat), samples, data, e["n_fid"], seed=e["seed"])

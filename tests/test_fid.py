@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_core.checkpoint import CheckpointError
 from ddpm_core.data import load_digits
 from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_from_features, fid_proxy_report,
                            frechet_distance, inception_featurizer, kid, load_or_train_featurizer)
@@ -50,6 +51,15 @@ def test_featurizer_learns_the_classes_and_is_reused(digits_featurizer):
     assert path.stat().st_mtime_ns == mtime and info2 == info
     x = torch.from_numpy(data.test_images[:20])
     np.testing.assert_array_equal(classifier_featurize(net)(x), classifier_featurize(net2)(x))
+
+
+def test_featurizer_of_another_config_is_refused_when_training_is_not_allowed(digits_featurizer, tmp_path):
+    path, data, cfg, _, _ = digits_featurizer
+    other = FeaturizerConfig(epochs=5, batch_size=64, width=16, feature_dim=32)
+    with pytest.raises(CheckpointError, match="trained on other data or another config"):
+        load_or_train_featurizer(path, data, other, progress=False, train_missing=False)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_or_train_featurizer(tmp_path / "none.pt", data, cfg, progress=False, train_missing=False)
 
 
 def test_featurizer_training_is_deterministic(digits_featurizer, tmp_path):
