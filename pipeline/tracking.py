@@ -113,3 +113,27 @@ def log_model(mlflow, model, registered_name: str | None) -> None:
         code_paths=[str(Path(__file__).resolve().parents[1] / "ddpm_core")],
         registered_model_name=registered_name,
     )
+
+
+def start_parent_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+    """A parent run (e.g. one per sweep) that child runs name through DDPM_PARENT_RUN_ID; left RUNNING."""
+    mlflow = _connect(experiment)
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(experiment)
+    run = client.create_run(exp.experiment_id, run_name=run_name, tags={"git_commit": git_commit(), **tags})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, json.dumps(value) if isinstance(value, (list, dict)) else value)
+    return run.info.run_id
+
+
+def finish_parent_run(experiment: str, run_id: str, metrics: dict[str, float], artifacts: list[Path],
+                      status: str, tags: dict[str, str] | None = None) -> None:
+    mlflow = _connect(experiment)
+    client = mlflow.MlflowClient()
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status=status)

@@ -1,0 +1,1 @@
+"""Prefect flows: sweeps of the DVC pipeline over beta schedules and T."""

@@ -1,0 +1,219 @@
+"""One sweep point = one DVC experiment of the project's pipeline (`dvc exp run --temp -S ...`).
+
+A point is reproducible and restorable with DVC's own commands (`dvc exp show`, `dvc exp apply NAME`), and its
+stages come from DVC's run-cache when an identical configuration ran before. Results are read back from the
+experiment's commit, never from the workspace, so points running side by side cannot mix their files.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+import json
+import os
+from pathlib import Path
+import re
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import yaml
+
+from pipeline.params import ParamsError, validate
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+EXPECTED_ERROR = re.compile(r"^error: (check|prepare|featurizer|train|sample|evaluate): .*$", re.M)
+METRIC_KEYS = ("bpd", "prior_bpd", "decoder_bpd", "fid_proxy", "fid_proxy_floor", "kid_proxy",
+               "classifier_accuracy", "n_fid", "sample_seconds", "final_train_loss")
+_READ_LOCK = threading.Lock()  # dvc.api and `dvc exp pull` share the repository's index
+
+
+class PointError(RuntimeError):
+    """A point failed. `transient` says whether running it again may help (crash, kill) or not (bad params)."""
+
+    def __init__(self, reason: str, transient: bool):
+        super().__init__(reason)
+        self.transient = transient
+
+
+@dataclass(frozen=True)
+class Point:
+    schedule: str
+    T: int
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.schedule} T={self.T}"
+
+    def exp_name(self, sweep: str) -> str:
+        return f"{sweep}-{self.schedule}-t{self.T}"
+
+    def settings(self) -> dict[str, Any]:
+        """Every params key this point sets, as `dvc exp run -S` gets them."""
+        return {**dict(self.overrides), "diffusion.schedule": self.schedule, "diffusion.T": self.T}
+
+    def set_args(self) -> list[str]:
+        return [arg for k, v in self.settings().items() for arg in ("-S", f"{k}={hydra_value(v)}")]
+
+
+@dataclass
+class PointResult:
+    """What the summary shows for one point."""
+
+    schedule: str
+    T: int
+    status: str                      # "ok" | "failed"
+    exp_name: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0             # wall time of this point, orchestration included
+    cached: bool = False             # the experiment already existed: nothing was recomputed
+    mlflow_run_id: str = ""
+    exp_rev: str = ""
+    reason: str = ""
+
+    def row(self) -> dict[str, Any]:
+        m = {k: self.metrics.get(k) for k in METRIC_KEYS}
+        return {"schedule": self.schedule, "T": self.T, "status": self.status, **m,
+                "seconds": round(self.seconds, 1), "cached": self.cached, "exp_name": self.exp_name,
+                "mlflow_run_id": self.mlflow_run_id, "reason": self.reason}
+
+
+def hydra_value(v: Any) -> str:
+    """A Python value as DVC's `-S key=value` override grammar (Hydra's) reads it."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    if isinstance(v, str) and not re.fullmatch(r"[A-Za-z0-9_./-]+", v):
+        return "'" + v.replace("'", "\\'") + "'"
+    return str(v)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings (values in YAML, as `dvc exp run -S` takes them) to a dict."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"--set {item!r} is not key=value (e.g. train.steps=200)")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def make_grid(schedules: list[str], Ts: list[int], overrides: dict[str, Any]) -> list[Point]:
+    for key in ("diffusion.schedule", "diffusion.T"):
+        if key in overrides:
+            raise ParamsError(f"{key} is a sweep axis: give it with --schedules / --T, not as an override")
+    if not schedules or not Ts:
+        raise ParamsError("a sweep needs at least one schedule and one T")
+    extra = tuple(sorted(overrides.items()))
+    seen, grid = set(), []
+    for s in schedules:
+        for T in Ts:
+            if (s, T) not in seen:
+                seen.add((s, T))
+                grid.append(Point(s, int(T), extra))
+    return grid
+
+
+def point_params_error(root: Path, point: Point) -> str | None:
+    """Validate params.yaml with this point's settings applied: the reason it cannot run, or None."""
+    raw = copy.deepcopy(yaml.safe_load((root / "params.yaml").read_text()))
+    try:
+        for key, value in point.settings().items():
+            section, _, name = key.partition(".")
+            if not name or section not in raw or not isinstance(raw[section], dict) or name not in raw[section]:
+                raise ParamsError(f"unknown key {key} (see params.yaml)")
+            raw[section][name] = value
+        validate(raw)
+    except ParamsError as e:
+        return str(e)
+    return None
+
+
+# --- git and dvc -----------------------------------------------------------------------------------------
+def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of stage commands: this interpreter's `python` first on PATH, telemetry off."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+           "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    env.update(extra or {})
+    return env
+
+
+def git(root: Path, *args: str, check: bool = True) -> str:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise PointError(f"git {' '.join(args)} failed: {out.stderr.strip()[-500:]}", transient=False)
+    return out.stdout.strip()
+
+
+def dvc_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def exp_ref(baseline: str, name: str) -> str:
+    return f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
+
+
+def existing_exp(root: Path, baseline: str, name: str) -> str | None:
+    """The commit of experiment `name` of this baseline, when it already exists (a cached point)."""
+    rev = git(root, "rev-parse", "-q", "--verify", exp_ref(baseline, name) + "^{commit}", check=False)
+    return rev or None
+
+
+def failure_reason(log: str, returncode: int) -> PointError:
+    """Our stages print one `error: STAGE: ...` line for expected failures: those are not retried."""
+    expected = [m.group(0) for m in EXPECTED_ERROR.finditer(log)]
+    if expected:
+        return PointError(expected[-1], transient=False)
+    tail = [ln for ln in log.splitlines() if ln.strip()][-3:]
+    killed = f" (killed by signal {-returncode})" if returncode < 0 else ""
+    return PointError(f"dvc exp run exited with {returncode}{killed}: {' | '.join(tail)[-600:]}", transient=True)
+
+
+def run_experiment(root: Path, point: Point, name: str, log_path: Path, env: dict[str, str]) -> None:
+    """`dvc exp run --temp` for one point; its whole output goes to log_path (appended per attempt)."""
+    cmd = dvc_cmd("--wait-for-lock", "exp", "run", "--temp", "--name", name, *point.set_args())
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ dvc {' '.join(cmd[3:])}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        log.flush()
+        proc = subprocess.run(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        text = log_path.read_text()
+        raise failure_reason(text[text.rfind("\n$ "):], proc.returncode)
+
+
+def read_exp_file(root: Path, rev: str, path: str, binary: bool = False) -> str | bytes:
+    """A file of an experiment commit, from Git or from the DVC cache (cached outputs)."""
+    import dvc.api
+
+    with _READ_LOCK:
+        return dvc.api.read(path, repo=str(root), rev=rev, mode="rb" if binary else "r")
+
+
+def collect(root: Path, point: Point, name: str, rev: str, cached: bool, seconds: float) -> PointResult:
+    metrics = json.loads(read_exp_file(root, rev, "reports/metrics.json"))
+    run = json.loads(read_exp_file(root, rev, "reports/mlflow_run.json"))
+    return PointResult(point.schedule, point.T, "ok", name, {k: metrics[k] for k in METRIC_KEYS if k in metrics},
+                       seconds, cached, run.get("run_id", ""), rev)
+
+
+def execute(root: Path, point: Point, sweep: str, log_path: Path, env: dict[str, str]) -> PointResult:
+    """Run (or reuse) the point's experiment in the checkout at root, and read its results."""
+    start = time.perf_counter()
+    baseline = git(root, "rev-parse", "HEAD")
+    name = point.exp_name(sweep)
+    rev = existing_exp(root, baseline, name)
+    cached = rev is not None
+    if not cached:
+        run_experiment(root, point, name, log_path, env)
+        rev = existing_exp(root, baseline, name)
+        if rev is None:
+            raise PointError(f"dvc exp run finished but made no experiment {name}", transient=True)
+    return collect(root, point, name, rev, cached, time.perf_counter() - start)
