@@ -17,12 +17,9 @@ Both need a Prefect server: `bash scripts/prefect-server.sh` starts one on 127.0
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-for _key, _value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "true"),
-                     ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DVC_NO_ANALYTICS", "1")):
-    os.environ.setdefault(_key, _value)
+import flows  # noqa: E402,F401  (telemetry off, server start-up time: before prefect is imported)
 
 DEFAULT_PARAMETERS = {"name": "schedules-vs-T", "schedules": ["linear", "cosine"], "T": [100, 1000],
                       "overrides": {}, "concurrency": 1}

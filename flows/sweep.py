@@ -21,9 +21,7 @@ import sys
 import time
 from typing import Any, Literal
 
-for _key, _value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "true"),
-                     ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DVC_NO_ANALYTICS", "1")):
-    os.environ.setdefault(_key, _value)
+import flows  # noqa: E402,F401  (telemetry off, server start-up time: before prefect is imported)
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
