@@ -103,11 +103,15 @@ def parallel(tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects")
+    ap.add_argument("--parts", nargs="+", choices=["overhead", "parallel"], default=["overhead", "parallel"],
+                    help="measure only these; the others are kept from reports/benchmarks/sweep.json")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    old = json.loads((OUT / "sweep.json").read_text()) if (OUT / "sweep.json").exists() else {}
     try:
         res = {"command": "python benchmarks/bench_sweep.py", "cpus": os.cpu_count(), "config": BENCH,
-               "overhead": overhead(tmp), "parallel": parallel(tmp)}
+               "overhead": overhead(tmp) if "overhead" in args.parts else old["overhead"],
+               "parallel": parallel(tmp) if "parallel" in args.parts else old["parallel"]}
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
