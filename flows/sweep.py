@@ -71,9 +71,9 @@ def run_point_on_worker(root: Path, sweep: str, point: Point, parent_run_id: str
 
     start = time.perf_counter()
     ref = exp_ref(commit, point.exp_name(sweep))
-    if existing_exp(root, commit, point.exp_name(sweep)):  # pulled by an earlier sweep: nothing to run
-        return collect(root, point, point.exp_name(sweep), git(root, "rev-parse", ref + "^{commit}"), True,
-                       time.perf_counter() - start)
+    rev = existing_exp(root, commit, point.exp_name(sweep))
+    if rev:  # pulled by an earlier sweep: nothing to run
+        return collect(root, point, point.exp_name(sweep), rev, True, time.perf_counter() - start)
     fr = run_deployment(deployment, parameters={
         "sweep": sweep, "commit": commit, "schedule": point.schedule, "T": point.T,
         "overrides": dict(point.overrides), "parent_run_id": parent_run_id}, timeout=None, poll_interval=2)
