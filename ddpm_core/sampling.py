@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -38,6 +39,14 @@ def ancestral_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], 
     return x
 
 
+def ddim_coefficients(s: NoiseSchedule, eta: float) -> tuple[np.ndarray, np.ndarray]:
+    """(sigma, c) per index for DDIM, float64 [T]: sigma_t as below and c_t = sqrt(1 - abar_prev - sigma_t^2),
+    the coefficient of eps_hat (clamped at 0 against rounding). sigma is 0 at index 0 (abar_prev = 1)."""
+    abar, abar_prev = s.alphas_cumprod, s.alphas_cumprod_prev
+    sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev)
+    return sigma, np.sqrt(np.clip(1 - abar_prev - sigma**2, 0.0, None))
+
+
 @torch.no_grad()
 def ddim_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], generator: torch.Generator,
                 eta: float = 0.0, objective: Objective = "eps", clip_x0: bool = False,
@@ -47,13 +56,14 @@ def ddim_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], gener
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
     sigma  = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev).
     """
+    sigmas, eps_coefs = ddim_coefficients(s, eta)  # float64, cast at use like every schedule array
+    sqrt_abar_prev = np.sqrt(s.alphas_cumprod_prev)
     x = torch.randn(shape, generator=generator, device=device)
     for i in _steps(s, progress, f"ddim(eta={eta})"):
         t = torch.full((shape[0],), i, dtype=torch.long, device=device)
         p = p_mean_variance(model, s, x, t, objective=objective, clip_x0=clip_x0)
-        abar, abar_prev = extract(s.alphas_cumprod, t, x), extract(s.alphas_cumprod_prev, t, x)
-        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-        x = abar_prev.sqrt() * p["pred_x0"] + torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0)) * p["pred_eps"]
+        sigma = extract(sigmas, t, x)
+        x = extract(sqrt_abar_prev, t, x) * p["pred_x0"] + extract(eps_coefs, t, x) * p["pred_eps"]
         if i > 0:
             x = x + sigma * torch.randn(shape, generator=generator, device=device)
     return x

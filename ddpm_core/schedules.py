@@ -13,9 +13,10 @@ Indexing: every array has length T and index i holds t = i + 1 ("index 0 is t = 
 Everything is float64; callers cast when they apply a coefficient to a tensor.
 
 Endpoint policy for `linear`, `quadratic` and `sigmoid`: the T = 1000 endpoints (1e-4, 0.02) are scaled by
-1000 / T, as improved DDPM does, so that abar_T stays near its T = 1000 value for every T (about 4e-5 for
-linear, 7e-4 for quadratic) and sampling starts close to N(0, I). Then beta_T = 20 / T, which must stay below 1:
-these schedules need T >= 21.
+1000 / T, as improved DDPM does, so that the sum of the betas (about 10.05 for linear) is the same for every T.
+abar_T is then about 4e-5 (linear) or 7e-4 (quadratic) for T of a few hundred and above, and smaller still for
+small T (linear: 8e-6 at T = 50, 8e-9 at T = 21), so sampling starts close to N(0, I). beta_T = 20 / T must stay
+below 1: these schedules need T >= 21.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Samplers: Algorithm 2, respacing, DDIM(eta), seeding."""
 
+import numpy as np
 import pytest
 import torch
 
-from ddpm_core.sampling import ancestral_sample, ddim_sample, sample
+from ddpm_core.sampling import ancestral_sample, ddim_coefficients, ddim_sample, sample
 from ddpm_core.schedules import NoiseSchedule, respace
 
 S = NoiseSchedule.named("linear", 100)
@@ -31,6 +32,20 @@ def test_ddim_eta1_on_the_full_grid_is_ancestral_sampling():
     b = ddim_sample(analytic, S, shape, gen(), eta=1.0)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(a, ddim_sample(analytic, S, shape, gen(), eta=0.0), atol=1e-2)
+
+
+@pytest.mark.parametrize("name, T, K", [("linear", 1000, 1000), ("cosine", 1000, 50), ("cosine", 2, 2)])
+def test_ddim_coefficients_are_float64_and_eta1_gives_the_posterior_variance(name, T, K):
+    """sigma_t^2 at eta = 1 is (1 - abar_prev)/(1 - abar) * beta_t = beta_tilde_t (on any grid, with the grid's
+    betas), and then c_t^2 = 1 - abar_prev - beta_tilde_t; at eta = 0, sigma = 0 and c_t^2 = 1 - abar_prev."""
+    s = respace(NoiseSchedule.named(name, T), K) if K < T else NoiseSchedule.named(name, T)
+    sigma, c = ddim_coefficients(s, 1.0)
+    assert sigma.dtype == np.float64 and c.dtype == np.float64
+    np.testing.assert_allclose(sigma**2, s.posterior_variance, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(c**2, 1 - s.alphas_cumprod_prev - s.posterior_variance, rtol=1e-10, atol=1e-15)
+    sigma0, c0 = ddim_coefficients(s, 0.0)
+    assert not sigma0.any()
+    np.testing.assert_allclose(c0, np.sqrt(1 - s.alphas_cumprod_prev), rtol=1e-15)
 
 
 def test_samplers_are_deterministic_given_the_seed():
