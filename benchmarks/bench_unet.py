@@ -2,9 +2,10 @@
 
 Measures, side by side in one process (the machine is shared and noisy, so the models are interleaved round by
 round, the order alternating, and medians over rounds are reported):
-1. training throughput, images/s: forward + L_simple (MSE on eps) + backward + AdamW step, batch 64, for a
-   base and a larger config, ours against diffusers built with the same channels (same parameter count);
-   ours with AdamW(fused=True) as an extra, separate figure;
+1. training throughput, images/s, of ddpm_core's own training step (`Trainer.train_step`: batch draw, forward,
+   L_simple, backward, gradient clipping, fused AdamW, EMA update), batch 64, for a base and a larger config;
+   ours against diffusers' UNet2DModel built with the same channels (same parameter count), trained by the very
+   same step, so the two differ only in the network;
 2. achieved FLOP/s of a training step (FLOPs from torch.utils.flop_counter.FlopCounterMode, i.e. the FLOPs each
    network actually executes) as a fraction of a 2048x2048 fp32 matmul's FLOP/s measured in the same rounds
    (best of 3 back-to-back products per round); the median over rounds of each round's fraction;
@@ -12,7 +13,9 @@ round, the order alternating, and medians over rounds are reported):
    throughput of the same network at the same batch (= chunk) size.
 
 Writes reports/benchmarks/unet.json and unet.md. Usage:
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_unet.py [--repeats 7] [--quick] [--threads N]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_unet.py [--repeats 7] [--quick] [--threads N] [--out-dir D]
+On an AVX-512 CPU, the AVX2 figures (the other CPU these benchmarks run on) come from the same run with
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ... --out-dir reports/benchmarks/avx2
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_core.elbo import nll_bpd
-from ddpm_core.losses import l_simple
 from ddpm_core.schedules import NoiseSchedule
+from ddpm_core.train import TrainConfig, Trainer
 from ddpm_core.unet import build_unet
 
 CONFIGS = {
@@ -41,6 +44,9 @@ CONFIGS = {
     "large": dict(channels=64, channel_mults=[1, 2, 2], num_res_blocks=2, attention_resolutions=[7], dropout=0.0),
 }
 IMAGE_SIZE, IMAGE_CHANNELS, T_TRAIN = 28, 1, 1000
+# Caps on the instruction set (ATen's kernels, oneDNN's convolutions, MKL's GEMM): with all three set to AVX2,
+# an AVX-512 machine shows what an AVX2-only CPU of the same clock would do.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 Step = Callable[[], None]
 
 
@@ -70,21 +76,16 @@ def n_params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def train_step(net: torch.nn.Module, batch: int, fused: bool = False) -> Step:
-    """One L_simple training step (forward, loss, backward, AdamW) on a fixed random batch."""
+def train_step(net: torch.nn.Module, batch: int) -> Step:
+    """ddpm_core's training step for `net` (Trainer.train_step, the one `train` runs), on random 8-bit images;
+    the trainer's settings are the library defaults (clipping at 1, EMA with warm-up, fused AdamW)."""
     gen = torch.Generator().manual_seed(0)
-    x0 = torch.rand(batch, IMAGE_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=gen) * 2 - 1
-    t = torch.randint(0, T_TRAIN, (batch,), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    schedule = NoiseSchedule.named("linear", T_TRAIN)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True if fused else None)  # None: torch's default
-    net.train()
+    images = torch.randint(0, 256, (4096, IMAGE_CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator=gen, dtype=torch.uint8)
+    cfg = TrainConfig(steps=10**9, batch_size=batch, lr=1e-4)
+    trainer = Trainer(net, NoiseSchedule.named("linear", T_TRAIN), images, cfg, torch.device("cpu"))
 
-    def step() -> None:
-        loss = l_simple(net, schedule, x0, t, noise).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def step() -> None:  # returns nothing: `timed` takes a float result for the call's own duration
+        trainer.train_step()
 
     return step
 
@@ -168,15 +169,12 @@ def median_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
-def bench_training(cfg_name: str, batch: int, repeats: int, calls: int, with_fused: bool) -> dict:
+def bench_training(cfg_name: str, batch: int, repeats: int, calls: int) -> dict:
     """Training throughput and FLOP-rate fractions of ours vs diffusers for one config."""
     cfg = CONFIGS[cfg_name]
     torch.manual_seed(0)
     ours, theirs = build_unet(cfg, IMAGE_CHANNELS, IMAGE_SIZE), DiffusersEps(build_diffusers(cfg))
     steps = {"ours": train_step(ours, batch), "diffusers": train_step(theirs, batch)}
-    if with_fused:
-        ours_fused = build_unet(cfg, IMAGE_CHANNELS, IMAGE_SIZE)
-        steps["ours_fused_adamw"] = train_step(ours_fused, batch, fused=True)
     flops = {k: step_flops(s) for k, s in steps.items()}
     mm = Matmul()
     secs, discarded = interleave({**steps, "matmul": mm}, calls, repeats)
@@ -195,8 +193,6 @@ def bench_training(cfg_name: str, batch: int, repeats: int, calls: int, with_fus
     eff = [flops["diffusers"] / x / m for x, m in zip(secs["ours"], mm_rate)]
     res["models"]["ours"]["effective_fraction_of_matmul"] = statistics.median(eff)
     res["speedup_vs_diffusers"] = median_ratio(secs["diffusers"], secs["ours"])
-    if with_fused:
-        res["fused_adamw_speedup_vs_ours"] = median_ratio(secs["ours"], secs["ours_fused_adamw"])
     return res
 
 
@@ -229,9 +225,12 @@ def bench_elbo(cfg_name: str, n_images: int, T: int, chunk: int, repeats: int) -
 def environment(argv: list[str]) -> dict:
     import diffusers
 
-    return {"command": "PYTHONPATH=. .venv/bin/python " + " ".join(["benchmarks/bench_unet.py", *argv]),
+    isa_env = " ".join(f"{k}={os.environ[k]}" for k in ISA_ENV if k in os.environ)  # an ISA cap, if one is set
+    return {"command": " ".join(filter(None, [isa_env, "PYTHONPATH=. .venv/bin/python", "benchmarks/bench_unet.py",
+                                              *argv])),
             "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
-            "cpu": cpu_name(), "python": platform.python_version(),
+            "cpu": cpu_name(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+            "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -249,9 +248,10 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = ["# UNet benchmark: ddpm_core vs diffusers UNet2DModel (CPU)", "",
              f"Command: `{env['command']}`  ", f"torch {env['torch']}, diffusers {env['diffusers']}, "
-             f"{env['threads']} threads, {env['cpu']}, {env['date']}; medians over {report['repeats']} interleaved "
+             f"{env['threads']} threads, {env['cpu']} ({env.get('cpu_isa', '?')}), {env['date']}; medians over {report['repeats']} interleaved "
              "rounds.", "",
-             "## Training step (forward + L_simple + backward + AdamW), 28x28x1", "",
+             "## Training step (ddpm_core's Trainer.train_step: batch, forward, L_simple, backward, clipping, "
+             "fused AdamW, EMA), 28x28x1", "",
              "| config | model | params | images/s | GFLOP/step | GFLOP/s | fraction of matmul |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, res in report["training"].items():
@@ -261,11 +261,9 @@ def markdown(report: dict) -> str:
                          f"{m['gflop_per_step']:.1f} | {m['gflops']:.1f} | {m['fraction_of_matmul']:.0%} |")
     lines.append("")
     for name, res in report["training"].items():
-        extra = (f"; fused AdamW: {res['fused_adamw_speedup_vs_ours']:.2f}x ours"
-                 if "fused_adamw_speedup_vs_ours" in res else "")
         lines.append(f"- {name}: ours / diffusers = **{res['speedup_vs_diffusers']:.2f}x** (median of per-round "
                      f"ratios); fp32 2048x2048 matmul {res['matmul_2048_gflops']:.1f} GFLOP/s; ours at diffusers' "
-                     f"FLOP count: {res['models']['ours']['effective_fraction_of_matmul']:.0%} of matmul{extra}; "
+                     f"FLOP count: {res['models']['ours']['effective_fraction_of_matmul']:.0%} of matmul; "
                      f"{res['discarded_rounds']} rounds rerun for foreign CPU load")
     e = report["elbo"]
     lines += ["", "## ELBO evaluation (ddpm_core.elbo.nll_bpd) vs raw no_grad forward", "",
@@ -302,7 +300,7 @@ def main(argv: list[str]) -> dict:
     configs = ["base"] if args.quick else ["base", "large"]
     for name in configs:
         calls = 1 if args.quick or name == "large" else 2
-        report["training"][name] = bench_training(name, args.batch, repeats, calls, with_fused=name == "base")
+        report["training"][name] = bench_training(name, args.batch, repeats, calls)
         print(json.dumps({name: {k: v["images_per_s"] for k, v in report["training"][name]["models"].items()}}))
     n_img, T = (4, 50) if args.quick else (args.elbo_images, args.elbo_T)
     report["elbo"] = bench_elbo("base", n_img, T, args.chunk_size, repeats)

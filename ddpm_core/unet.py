@@ -18,8 +18,10 @@ that is equal up to float rounding (tests/test_unet.py checks each against the p
   attention at few positions; `conv_in_im2col` / `conv_out_col2im`: the image-channel convs, which oneDNN
   handles poorly, as matmuls (~1-2% each);
 - in-place adds on fresh conv outputs (autograd does not keep a conv's output), no dropout call when p = 0.
-Tried without gain on this 2-core AVX2 CPU: channels_last (GroupNorm is 2-3x slower there, eating the saved
-oneDNN reorders), im2col+GEMM forward for 3x3 convs (page-faults on its big buffer), a matmul weight gradient.
+Tried without gain on the 2-core CPUs here (AVX2, and AVX-512): channels_last (GroupNorm is 2-3x slower there,
+eating the saved oneDNN reorders; 0.93x a training step on AVX-512), im2col+GEMM forward for 3x3 convs
+(page-faults on its big buffer), a matmul weight gradient, torch.compile (1.03x a step after 137 s of
+compiling, on AVX-512), mallopt against page faults (glibc's adaptive mmap threshold already keeps them few).
 """
 
 from __future__ import annotations
