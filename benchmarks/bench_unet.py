@@ -248,8 +248,8 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = ["# UNet benchmark: ddpm_core vs diffusers UNet2DModel (CPU)", "",
              f"Command: `{env['command']}`  ", f"torch {env['torch']}, diffusers {env['diffusers']}, "
-             f"{env['threads']} threads, {env['cpu']} ({env.get('cpu_isa', '?')}), {env['date']}; medians over {report['repeats']} interleaved "
-             "rounds.", "",
+             f"{env['threads']} threads, {env['cpu']} ({env.get('cpu_isa', '?')}), {env['date']}; "
+             f"medians over {report['repeats']} interleaved rounds.", "",
              "## Training step (ddpm_core's Trainer.train_step: batch, forward, L_simple, backward, clipping, "
              "fused AdamW, EMA), 28x28x1", "",
              "| config | model | params | images/s | GFLOP/step | GFLOP/s | fraction of matmul |",
