@@ -62,10 +62,9 @@ def ddim_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], gener
     for i in _steps(s, progress, f"ddim(eta={eta})"):
         t = torch.full((shape[0],), i, dtype=torch.long, device=device)
         p = p_mean_variance(model, s, x, t, objective=objective, clip_x0=clip_x0)
-        sigma = extract(sigmas, t, x)
         x = extract(sqrt_abar_prev, t, x) * p["pred_x0"] + extract(eps_coefs, t, x) * p["pred_eps"]
         if i > 0:
-            x = x + sigma * torch.randn(shape, generator=generator, device=device)
+            x = x + extract(sigmas, t, x) * torch.randn(shape, generator=generator, device=device)
     return x
 
 
