@@ -65,6 +65,13 @@ def vb_terms_matrix(model: EpsModel, s: NoiseSchedule, x0: torch.Tensor, varianc
     return terms.reshape(n, T)
 
 
+def check_x0(x0: torch.Tensor) -> None:
+    if x0.dim() != 4:
+        raise ValueError(f"x0 must be [N, C, H, W]; got shape {tuple(x0.shape)}")
+    if x0.min() < -1.0 or x0.max() > 1.0:
+        raise ValueError("x0 must lie in [-1, 1] (the 8-bit grid 2k/255 - 1)")
+
+
 def nll_bpd(eps_model: EpsModel, schedule: NoiseSchedule, x0: torch.Tensor, variance: Variance = "fixed_small",
             objective: Objective = "eps", chunk_size: int = 256, generator: torch.Generator | None = None,
             progress: bool = False) -> dict:
@@ -73,10 +80,7 @@ def nll_bpd(eps_model: EpsModel, schedule: NoiseSchedule, x0: torch.Tensor, vari
     Returns total_bpd, prior_bpd, decoder_bpd (floats) and terms_bpd (numpy [T], index 0 = decoder L_0,
     index i = L_i = KL at t = i + 1), with total_bpd = prior_bpd + terms_bpd.sum().
     """
-    if x0.dim() != 4:
-        raise ValueError(f"x0 must be [N, C, H, W]; got shape {tuple(x0.shape)}")
-    if x0.min() < -1.0 or x0.max() > 1.0:
-        raise ValueError("x0 must lie in [-1, 1] (the 8-bit grid 2k/255 - 1)")
+    check_x0(x0)
     terms = vb_terms_matrix(eps_model, schedule, x0, variance, objective, chunk_size, generator, progress)
     prior = prior_bpd(schedule, x0).double()
     per_image = terms.sum(dim=1) + prior
