@@ -4,7 +4,9 @@ Inception weights cannot be downloaded here, so the feature extractor is a small
 from a seed) on the data set's training split. Its numbers are comparable between runs that share the same
 featurizer file (same data checksum, same seed), not with published FIDs. Reported with it:
     fid_proxy_floor   real-vs-real: a train subset against the test images at the same sample count
-    kid_proxy         unbiased kernel (KID-style, cubic polynomial) MMD^2 in the same features
+    *_ci_low/high     95% intervals from the bootstrap sd (samples and reference images resampled)
+    kid_proxy         unbiased kernel (KID-style, cubic polynomial) MMD^2 in the same features, with its
+                      standard error over disjoint subsets
     classifier_accuracy, n_fid
 True FID is available through `inception_featurizer` when a user has Inception-v3 weights on disk.
 """
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import ImageData, to_model_range
+from .stats import Estimate, bootstrap
 
 Featurize = Callable[[torch.Tensor], np.ndarray]  # uint8 [N, C, H, W] -> float64 features [N, D]
 
@@ -145,20 +148,26 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_cross)
 
 
-def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 10, subset_size: int = 500, seed: int = 0) -> float:
-    """Kernel Inception Distance in these features: unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, averaged
-    over random subsets."""
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 between feature sets with the KID kernel k(a, b) = (a.b / d + 1)^3."""
+    d, m, k = x.shape[1], len(x), len(y)
+    kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (k * (k - 1))
+                 - 2 * kxy.mean())
+
+
+def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 10, seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance in these features and its standard error: unbiased MMD^2 on `subsets`
+    disjoint random subsets (each point used once), their mean and sd / sqrt(subsets). Disjoint subsets
+    are independent, so the standard error is honest (overlapping ones would understate it)."""
     rng = np.random.default_rng(seed)
-    m = min(subset_size, len(f1), len(f2))
-    d = f1.shape[1]
-    vals = []
-    for _ in range(subsets):
-        x = f1[rng.choice(len(f1), m, replace=False)]
-        y = f2[rng.choice(len(f2), m, replace=False)]
-        kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
-        off = m * (m - 1)
-        vals.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2 * kxy.mean())
-    return float(np.mean(vals))
+    size = min(len(f1), len(f2)) // subsets
+    if size < 2:
+        raise ValueError(f"KID needs at least {2 * subsets} points per side for {subsets} subsets")
+    p1, p2 = rng.permutation(len(f1)), rng.permutation(len(f2))
+    vals = np.array([mmd2_unbiased(f1[p1[i * size:(i + 1) * size]], f2[p2[i * size:(i + 1) * size]])
+                     for i in range(subsets)])
+    return float(vals.mean()), float(vals.std(ddof=1) / np.sqrt(subsets))
 
 
 def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -169,23 +178,55 @@ def classifier_featurize(net: Classifier) -> Featurize:
     return lambda images: predict(net, images, "features").numpy()
 
 
-def fid_proxy_report(featurize: Featurize, samples: torch.Tensor, data: ImageData, n: int,
-                     seed: int = 0) -> dict[str, Any]:
-    """fid_proxy of `samples` (uint8) against n test images, with the real-vs-real floor at the same n."""
+@dataclass
+class FidFeatures:
+    """Features of the generated samples, the test reference and a train subset (the floor), [n, D] each."""
+
+    gen: np.ndarray
+    test: np.ndarray
+    train: np.ndarray
+
+
+def fid_features(featurize: Featurize, samples: torch.Tensor, data: ImageData, n: int, seed: int = 0) -> FidFeatures:
+    """Features of n samples (uint8), of n test images (the reference, chosen by seed) and of n train images."""
     if len(samples) < n:
         raise ValueError(f"need {n} samples for n_fid={n}; got {len(samples)}")
-    n_test = min(n, len(data.test_images))
     rng = np.random.default_rng(seed)
-    test = data.test_images[rng.choice(len(data.test_images), n_test, replace=False)]
+    test = data.test_images[rng.choice(len(data.test_images), min(n, len(data.test_images)), replace=False)]
     train = data.train_images[rng.choice(len(data.train_images), n, replace=False)]
-    f_test, f_train, f_gen = featurize(torch.from_numpy(test)), featurize(torch.from_numpy(train)), featurize(samples[:n])
+    return FidFeatures(featurize(samples[:n]), featurize(torch.from_numpy(test)), featurize(torch.from_numpy(train)))
+
+
+def fid_bootstrap(a: np.ndarray, b: np.ndarray, reps: int, seed: int,
+                  minus: np.ndarray | None = None) -> Estimate:
+    """FID(a, b) (or, with `minus`, FID(a, b) - FID(minus, b): a paired difference on the same reference b)
+    with a 95% interval from the bootstrap sd: each replicate resamples every feature set with replacement,
+    the shared reference once for both sides."""
+    def stat(fa: np.ndarray, fb: np.ndarray, fm: np.ndarray | None) -> float:
+        return fid_from_features(fa, fb) - (fid_from_features(fm, fb) if fm is not None else 0.0)
+
+    def replicate(rng: np.random.Generator) -> float:
+        def pick(f: np.ndarray) -> np.ndarray:
+            return f[rng.integers(0, len(f), len(f))]
+        return stat(pick(a), pick(b), pick(minus) if minus is not None else None)
+
+    return bootstrap(replicate, stat(a, b, minus), reps, seed, len(a))
+
+
+def fid_proxy_report(featurize: Featurize | None, samples: torch.Tensor | None, data: ImageData | None, n: int,
+                     seed: int = 0, reps: int = 200, features: FidFeatures | None = None) -> dict[str, Any]:
+    """fid_proxy of `samples` (uint8) against n test images, with the real-vs-real floor at the same n, each
+    with a bootstrap 95% interval over samples and reference images, and KID-proxy with its standard error
+    over disjoint subsets. Pass `features` (from fid_features) to skip featurizing."""
+    f = features or fid_features(featurize, samples, data, n, seed)
+    fid = fid_bootstrap(f.gen, f.test, reps, seed)
+    floor = fid_bootstrap(f.train, f.test, reps, seed + 1)
+    kid_gen, kid_floor = kid(f.gen, f.test, seed=seed), kid(f.train, f.test, seed=seed)
     return {
-        "fid_proxy": fid_from_features(f_gen, f_test),
-        "fid_proxy_floor": fid_from_features(f_train, f_test),
-        "kid_proxy": kid(f_gen, f_test, seed=seed),
-        "kid_proxy_floor": kid(f_train, f_test, seed=seed),
-        "n_fid": n,
-        "n_fid_reference": n_test,
+        **fid.as_dict("fid_proxy"), **floor.as_dict("fid_proxy_floor"),
+        "kid_proxy": kid_gen[0], "kid_proxy_stderr": kid_gen[1],
+        "kid_proxy_floor": kid_floor[0], "kid_proxy_floor_stderr": kid_floor[1],
+        "n_fid": n, "n_fid_reference": len(f.test), "fid_bootstrap_reps": reps,
     }
 
 

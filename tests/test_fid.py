@@ -7,7 +7,7 @@ import torch
 from ddpm_core.checkpoint import CheckpointError
 from ddpm_core.data import load_digits
 from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_from_features, fid_proxy_report,
-                           frechet_distance, inception_featurizer, kid, load_or_train_featurizer)
+                           fid_bootstrap, frechet_distance, inception_featurizer, kid, load_or_train_featurizer)
 
 
 def test_frechet_distance_closed_forms():
@@ -31,7 +31,41 @@ def test_fid_and_kid_from_samples():
     z = rng.normal(loc=1.0, size=(4000, 4))
     assert fid_from_features(x, y) < 0.02
     assert fid_from_features(x, z) == pytest.approx(4.0, rel=0.05)
-    assert abs(kid(x, y)) < 0.01 and kid(x, z) > 0.1
+    assert abs(kid(x, y)[0]) < 0.01 and kid(x, z)[0] > 0.1
+
+
+def test_kid_standard_error_is_over_disjoint_subsets():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(1000, 4)), rng.normal(size=(1000, 4))
+    mean, se = kid(x, y, subsets=10)
+    assert se > 0 and abs(mean) < 4 * se
+    # the spread of the KID over independent data sets agrees with the reported standard error
+    draws = [kid(rng.normal(size=(1000, 4)), rng.normal(size=(1000, 4)), seed=i) for i in range(40)]
+    spread, typical_se = np.std([d[0] for d in draws], ddof=1), np.mean([d[1] for d in draws])
+    assert 0.6 < typical_se / spread < 1.6
+    with pytest.raises(ValueError, match="at least 20 points"):
+        kid(x[:15], y, subsets=10)
+
+
+def test_fid_bootstrap_interval_matches_the_spread_over_data_sets():
+    rng = np.random.default_rng(3)
+    shift = np.array([0.5, 0, 0, 0])
+    point = fid_bootstrap(rng.normal(size=(300, 4)) + shift, rng.normal(size=(300, 4)), reps=200, seed=0)
+    assert point.ci_low < point.mean < point.ci_high
+    assert point.ci_high - point.ci_low == pytest.approx(2 * 1.959964 * point.stderr, rel=1e-6)
+    repeats = [fid_from_features(rng.normal(size=(300, 4)) + shift, rng.normal(size=(300, 4))) for _ in range(60)]
+    assert 0.6 < point.stderr / np.std(repeats, ddof=1) < 1.6
+
+
+def test_fid_paired_difference():
+    rng = np.random.default_rng(4)
+    ref, a = rng.normal(size=(400, 4)), rng.normal(size=(400, 4))
+    b = rng.normal(size=(400, 4)) + np.array([0.6, 0, 0, 0])
+    same = fid_bootstrap(a, ref, reps=100, seed=1, minus=a)  # the two sides resample independently
+    assert same.mean == 0 and same.ci_low < 0 < same.ci_high
+    diff = fid_bootstrap(b, ref, reps=200, seed=1, minus=a)
+    assert diff.mean == pytest.approx(fid_from_features(b, ref) - fid_from_features(a, ref))
+    assert diff.excludes_zero and diff.ci_low > 0
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +112,11 @@ def test_report_orders_real_noise_and_floor(digits_featurizer):
     assert bad["fid_proxy"] > 5 * good["fid_proxy"]
     assert good["fid_proxy_floor"] == bad["fid_proxy_floor"] and good["n_fid"] == n
     assert bad["kid_proxy"] > good["kid_proxy"]
+    for r in (good, bad):
+        assert r["fid_proxy_ci_low"] < r["fid_proxy"] < r["fid_proxy_ci_high"]
+        assert r["fid_proxy_floor_ci_low"] < r["fid_proxy_floor"] < r["fid_proxy_floor_ci_high"]
+        assert r["kid_proxy_stderr"] > 0
+    assert bad["fid_proxy_ci_low"] > good["fid_proxy_ci_high"]
     with pytest.raises(ValueError, match="need 300 samples"):
         fid_proxy_report(featurize, real, data, 300)
 
