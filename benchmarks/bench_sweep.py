@@ -35,7 +35,7 @@ BENCH = {
     "train": {"steps": 150, "checkpoint_every": 50},
     "featurizer": {"epochs": 1},
     "sample": {"n": 200, "steps": 20, "batch_size": 200},
-    "evaluate": {"n_bpd": 8, "n_fid": 200, "chunk_size": 200},
+    "evaluate": {"bpd_estimator": "all_t", "bpd_passes": 800, "n_fid": 200, "chunk_size": 200},
 }
 STAGES = ("check", "prepare", "featurizer", "train", "sample", "evaluate")
 

@@ -32,7 +32,7 @@ from ddpm_core.fid import classifier_featurize, fid_proxy_report, load_or_train_
 from ddpm_core.sampling import sample as draw_samples  # noqa: E402
 from ddpm_core.schedules import NoiseSchedule  # noqa: E402
 from ddpm_core.unet import build_unet  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
+from pipeline.params import load_params, sample_steps  # noqa: E402
 from pipeline.reports import save_grid  # noqa: E402
 from pipeline.stages import featurizer_config, train_config  # noqa: E402
 from ddpm_core.train import Trainer  # noqa: E402
@@ -52,7 +52,7 @@ def train_ours(images: torch.Tensor, seconds: float) -> tuple[torch.Tensor, int,
     model = trainer.ema.module.eval()
     t0 = time.perf_counter()
     x = draw_samples(model, schedule, ARGS.n, (1, 28, 28), seed=0, sampler=p.sample["sampler"],
-                     steps=p.sample["steps"], eta=p.sample["eta"], batch_size=250, clip_x0=p.sample["clip_x0"])
+                     steps=sample_steps(p.sample, schedule.T), eta=p.sample["eta"], batch_size=250, clip_x0=p.sample["clip_x0"])
     return from_model_range(x), trainer.step, {"sample_seconds": time.perf_counter() - t0, "config": p.flat()}
 
 

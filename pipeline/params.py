@@ -14,6 +14,7 @@ import yaml
 
 from ddpm_core.data import DATASETS
 from ddpm_core.diffusion import OBJECTIVES, VARIANCES
+from ddpm_core.elbo_mc import ESTIMATORS, BoundDesign
 from ddpm_core.sampling import SAMPLERS
 from ddpm_core.schedules import SCHEDULES, ScheduleError, make_betas
 
@@ -54,6 +55,8 @@ def int_list(check: Callable[[int], bool], allowed: str, allow_empty: bool) -> R
 
 BOOL: Rule = (bool, None, "true or false")
 SEED: Rule = non_negative()
+STEPS: Rule = ((int, str), lambda v: v == "all" if isinstance(v, str) else v >= 2,
+               "an integer >= 2, or 'all' (= diffusion.T)")
 
 SCHEMA: dict[str, dict[str, Rule]] = {
     "data": {"dataset": choice(DATASETS), "root": ((str, type(None)), None, "a path or null"), "download": BOOL},
@@ -70,9 +73,11 @@ SCHEMA: dict[str, dict[str, Rule]] = {
               "precision": choice(("fp32", "bf16")), "compile": BOOL, "checkpoint_every": positive(),
               "threads": non_negative()},
     "featurizer": {"epochs": positive(), "seed": SEED},
-    "sample": {"n": positive(), "sampler": choice(SAMPLERS), "steps": positive(), "eta": non_negative(float),
-               "clip_x0": BOOL, "seed": SEED, "batch_size": positive()},
-    "evaluate": {"n_bpd": positive(), "n_fid": (int, lambda v: v >= 2, "an integer >= 2"), "seed": SEED,
+    "sample": {"n": positive(), "sampler": choice(SAMPLERS), "steps": STEPS, "clamp_steps": BOOL,
+               "eta": non_negative(float), "clip_x0": BOOL, "seed": SEED, "batch_size": positive()},
+    "evaluate": {"bpd_estimator": choice(ESTIMATORS), "bpd_passes": positive(), "bpd_exact_t": positive(),
+                 "bpd_draws": positive(), "n_fid": (int, lambda v: v >= 20, "an integer >= 20"),
+                 "fid_bootstrap": (int, lambda v: v >= 10, "an integer >= 10"), "seed": SEED,
                  "chunk_size": positive()},
     "mlflow": {"experiment": (str, lambda v: len(v.strip()) > 0, "a non-empty name"), "register_model": BOOL},
 }
@@ -107,6 +112,24 @@ def _check_structure(raw: Any) -> None:
             raise ParamsError(f"missing key {section}.{missing[0]}: must be {rules[missing[0]][2]}")
 
 
+def sample_steps(sample: dict[str, Any], T: int) -> int:
+    """The respaced steps the sampler takes: 'all' = T, else sample.steps (at most T with clamp_steps)."""
+    return T if sample["steps"] == "all" else min(sample["steps"], T) if sample["clamp_steps"] else sample["steps"]
+
+
+def bound_design(evaluate: dict[str, Any], T: int) -> BoundDesign:
+    e = evaluate
+    return BoundDesign.named(e["bpd_estimator"], T, e["bpd_exact_t"], e["bpd_draws"])
+
+
+def _check_bound_budget(e: dict[str, Any], T: int) -> None:
+    per_image = bound_design(e, T).passes_per_image()
+    if e["bpd_passes"] < 2 * per_image:
+        raise ParamsError(f"evaluate.bpd_passes = {e['bpd_passes']} is not allowed: the {e['bpd_estimator']} "
+                          f"estimator at diffusion.T = {T} needs {per_image} passes per image and an interval "
+                          f"needs 2 images, so at least {2 * per_image}")
+
+
 def _check_combinations(p: dict[str, dict[str, Any]]) -> None:
     """Constraints between keys, each reported against the key a user would change."""
     T = p["diffusion"]["T"]
@@ -115,8 +138,11 @@ def _check_combinations(p: dict[str, dict[str, Any]]) -> None:
     except ScheduleError as e:
         raise ParamsError(f"diffusion.T = {T} does not work with diffusion.schedule = "
                           f"{p['diffusion']['schedule']!r}: {e}") from None
-    if p["sample"]["steps"] > T or p["sample"]["steps"] < 2:
-        raise ParamsError(f"sample.steps = {p['sample']['steps']} is not allowed: must be in [2, diffusion.T = {T}]")
+    steps = p["sample"]["steps"]
+    if steps != "all" and steps > T and not p["sample"]["clamp_steps"]:
+        raise ParamsError(f"sample.steps = {steps} is not allowed: must be in [2, diffusion.T = {T}], or 'all'; "
+                          f"set sample.clamp_steps: true to sample min(steps, T) steps")
+    _check_bound_budget(p["evaluate"], T)
     if p["sample"]["sampler"] == "ancestral" and p["sample"]["eta"] != 0:
         raise ParamsError(f"sample.eta = {p['sample']['eta']} is not allowed with sample.sampler = 'ancestral': "
                           f"eta is a DDIM setting, leave it at 0")

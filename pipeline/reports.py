@@ -79,16 +79,40 @@ def plot_bpd_per_t(terms_bpd: np.ndarray, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def with_interval(metrics: dict[str, Any], key: str) -> str:
+    """'3.84 (95% CI 3.75 to 3.93)' where the metric has an interval, else the value."""
+    value = f"{metrics[key]:.4g}"
+    if f"{key}_ci_low" in metrics:
+        return f"{value} (95% CI {metrics[key + '_ci_low']:.4g} to {metrics[key + '_ci_high']:.4g})"
+    if f"{key}_stderr" in metrics:
+        return f"{value} +/- {metrics[key + '_stderr']:.2g} (standard error)"
+    return value
+
+
+HEADLINE = ("bpd", "prior_bpd", "decoder_bpd", "fid_proxy", "fid_proxy_floor", "kid_proxy", "kid_proxy_floor",
+            "classifier_accuracy")
+
+
 def summary_markdown(params_flat: dict[str, Any], metrics: dict[str, Any]) -> str:
     keys = ("data.dataset", "diffusion.T", "diffusion.schedule", "diffusion.objective", "model.channels",
             "model.channel_mults", "train.steps", "train.batch_size", "train.lr", "sample.sampler", "sample.steps")
     lines = ["# Run summary", "", "| parameter | value |", "|---|---|"]
     lines += [f"| {k} | {params_flat[k]} |" for k in keys if k in params_flat]
     lines += ["", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    lines += ["", "Negative ELBO in bits/dim over all T terms (prior L_T, KL terms, discretized decoder L_0) on "
-              f"{metrics.get('n_bpd')} test images; FID-proxy on {metrics.get('n_fid')} samples against test images "
-              "in the features of a classifier trained on this data set (comparable only between runs with the "
-              "same featurizer; fid_proxy_floor is real-vs-real at the same count).", "",
+    lines += [f"| {k} | {with_interval(metrics, k)} |" for k in HEADLINE if k in metrics]
+    detail = [k for k in metrics if k not in HEADLINE and not k.endswith(("_ci_low", "_ci_high", "_stderr"))]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in
+              ((k, metrics[k]) for k in detail)]
+    draws = metrics.get("bpd_draws", 0)
+    how = (f"all T terms of each image" if not draws else
+           f"an unbiased Monte-Carlo estimate: t <= {metrics.get('bpd_exact_t')} exactly and {draws} t drawn "
+           "per image from a pilot-shaped proposal, weighted by 1/p")
+    lines += ["", f"Negative ELBO in bits/dim (prior L_T, KL terms, discretized decoder L_0) on {metrics.get('n_bpd')} "
+              f"test images with {metrics.get('bpd_network_passes')} network passes: {how}. Its 95% interval covers "
+              "the variation over test images and noise draws, not over training seeds. FID-proxy on "
+              f"{metrics.get('n_fid')} samples against test images in the features of a classifier trained on this "
+              "data set (comparable only between runs with the same featurizer and n_fid; fid_proxy_floor is "
+              "real-vs-real at the same count); its interval is the bootstrap sd over samples and reference images. "
+              "KID-proxy's error is over disjoint subsets.", "",
               "![samples](samples.png)", "", "![training loss](train_loss.png)", "", "![bits/dim per t](bpd_per_t.png)", ""]
     return "\n".join(lines)

@@ -14,8 +14,9 @@ import torch
 
 from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.data import DataError, ImageData, from_model_range, load_dataset, to_model_range
-from ddpm_core.elbo import nll_bpd
-from ddpm_core.fid import FeaturizerConfig, classifier_featurize, fid_proxy_report, load_or_train_featurizer
+from ddpm_core.elbo_mc import BoundEstimate, estimate_bound
+from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_features, fid_proxy_report,
+                           load_or_train_featurizer)
 from ddpm_core.sampling import sample as draw_samples
 from ddpm_core.schedules import NoiseSchedule
 from ddpm_core.serving import FlatEpsModel
@@ -23,7 +24,7 @@ from ddpm_core.train import TrainConfig, resolve_device, train as run_training
 from ddpm_core.unet import build_unet
 
 from . import paths, reports, tracking
-from .params import Params
+from .params import Params, bound_design, sample_steps
 
 RESUME_IGNORES = ("steps", "checkpoint_every", "threads", "device")
 
@@ -132,8 +133,9 @@ def sample(p: Params) -> None:
     device = resolve_device(p.train["device"])
     net, meta, schedule = load_ema_model(device)
     s = p.sample
+    steps = sample_steps(s, schedule.T)
     start = time.perf_counter()
-    x = draw_samples(net, schedule, s["n"], tuple(meta["image_shape"]), s["seed"], s["sampler"], s["steps"],
+    x = draw_samples(net, schedule, s["n"], tuple(meta["image_shape"]), s["seed"], s["sampler"], steps,
                      s["eta"], s["batch_size"], p.diffusion["variance"], p.diffusion["objective"], s["clip_x0"],
                      device)
     seconds = time.perf_counter() - start
@@ -141,50 +143,78 @@ def sample(p: Params) -> None:
     np.savez(paths.SAMPLES, images=images)
     reports.save_grid(images[:64], paths.SAMPLE_GRID)
     write_json(paths.SAMPLE_STATS, {"sample_seconds": seconds, "n": s["n"], "sampler": s["sampler"],
-                                    "steps": s["steps"], "device": str(device)})
-    print(f"sample: {s['n']} samples in {seconds:.1f} s ({s['sampler']}, {s['steps']} steps)")
+                                    "steps": steps, "device": str(device)})
+    print(f"sample: {s['n']} samples in {seconds:.1f} s ({s['sampler']}, {steps} steps)")
 
 
 # --- evaluate --------------------------------------------------------------------------------------------
+def evaluate_bound(p: Params, net: torch.nn.Module, schedule: NoiseSchedule, data: ImageData,
+                   device: torch.device) -> tuple[BoundEstimate, float]:
+    """The negative ELBO on test images chosen by evaluate.seed (the same images, noise and t draws for every
+    run with that seed, so runs compare paired), and the seconds it took."""
+    e = p.evaluate
+    design = bound_design(e, schedule.T)
+    n = min(len(data.test_images), e["bpd_passes"] // design.passes_per_image())
+    pick = np.random.default_rng(e["seed"]).permutation(len(data.test_images))[:n]
+    start = time.perf_counter()
+    bound = estimate_bound(net, schedule, to_model_range(data.test_images[pick]).to(device), pick, design,
+                           p.diffusion["variance"], p.diffusion["objective"], e["chunk_size"], e["seed"],
+                           progress=True)
+    return bound, time.perf_counter() - start
+
+
+def evaluate_samples(p: Params, data: ImageData, device: torch.device) -> tuple[dict[str, Any], float]:
+    """FID-proxy and KID-proxy of the samples with their intervals; their features are kept for paired
+    differences between runs (build/fid_features.npz). Returns the report and the featurizer's accuracy."""
+    e = p.evaluate
+    feat, info = load_or_train_featurizer(paths.FEATURIZER, data, featurizer_config(p), device, train_missing=False)
+    with np.load(paths.SAMPLES) as z:
+        samples = torch.from_numpy(z["images"])
+    features = fid_features(classifier_featurize(feat), samples, data, e["n_fid"], seed=e["seed"])
+    np.savez(paths.FID_FEATURES, gen=features.gen.astype(np.float32), test=features.test.astype(np.float32),
+             train=features.train.astype(np.float32))
+    report = fid_proxy_report(None, None, None, e["n_fid"], e["seed"], e["fid_bootstrap"], features)
+    return report, info["accuracy"]
+
+
 def evaluate(p: Params) -> None:
     set_threads(p)
     device = resolve_device(p.train["device"])
     net, meta, schedule = load_ema_model(device)
     data = load_prepared()
-    e = p.evaluate
-    pick = np.random.default_rng(e["seed"]).permutation(len(data.test_images))[: e["n_bpd"]]
-    x0 = to_model_range(data.test_images[pick]).to(device)
-    gen = torch.Generator(device=device).manual_seed(e["seed"])
-    bpd = nll_bpd(net, schedule, x0, p.diffusion["variance"], p.diffusion["objective"], e["chunk_size"], gen,
-                  progress=True)
-    feat, info = load_or_train_featurizer(paths.FEATURIZER, data, featurizer_config(p), device, train_missing=False)
-    with np.load(paths.SAMPLES) as z:
-        samples = torch.from_numpy(z["images"])
-    fid = fid_proxy_report(classifier_featurize(feat), samples, data, e["n_fid"], seed=e["seed"])
+    bound, bpd_seconds = evaluate_bound(p, net, schedule, data, device)
+    fid, accuracy = evaluate_samples(p, data, device)
     losses = reports.read_csv_columns(paths.TRAIN_CURVE)
     sample_stats = json.loads(paths.SAMPLE_STATS.read_text())
-    metrics = {"bpd": bpd["total_bpd"], "prior_bpd": bpd["prior_bpd"], "decoder_bpd": bpd["decoder_bpd"],
-               **{k: v for k, v in fid.items()}, "classifier_accuracy": info["accuracy"], "n_bpd": e["n_bpd"],
+    metrics = {**bound.total.as_dict("bpd"), "prior_bpd": bound.prior_bpd, "decoder_bpd": bound.decoder_bpd,
+               "n_bpd": len(bound.per_image), "bpd_network_passes": bound.network_passes,
+               "bpd_exact_t": bound_design(p.evaluate, schedule.T).exact_t,
+               "bpd_draws": bound_design(p.evaluate, schedule.T).draws, "bpd_seconds": bpd_seconds,
+               **fid, "classifier_accuracy": accuracy, "sample_steps": sample_stats["steps"],
                "sample_seconds": sample_stats["sample_seconds"],
                "final_train_loss": float(losses["loss"][-max(1, len(losses["loss"]) // 20):].mean())}
-    write_reports(p, metrics, bpd["terms_bpd"], losses)
+    write_reports(p, metrics, bound, losses)
     run = tracking.log_run(
         p.mlflow["experiment"], p.flat(), {k: float(v) for k, v in metrics.items()},
         (losses["step"].astype(int).tolist(), losses["loss"].tolist()),
-        [paths.SAMPLE_GRID, paths.LOSS_PLOT, paths.BPD_PLOT, paths.BPD_PER_T, paths.SUMMARY, paths.TRAIN_CURVE],
+        [paths.SAMPLE_GRID, paths.LOSS_PLOT, paths.BPD_PLOT, paths.BPD_PER_T, paths.BPD_PER_IMAGE, paths.SUMMARY,
+         paths.TRAIN_CURVE],
         FlatEpsModel(net.cpu(), tuple(meta["image_shape"])),
         {"data_sha256": meta["data_sha256"], "dataset": meta["dataset"],
          "run_name": f"{meta['dataset']}-{p.diffusion['schedule']}-T{p.diffusion['T']}"},
         f"ddpm-{meta['dataset'].replace('_', '-')}" if p.mlflow["register_model"] else None)
     write_json(paths.MLFLOW_RUN, run)
-    print(f"evaluate: bpd {metrics['bpd']:.3f}, fid_proxy {metrics['fid_proxy']:.3f} "
-          f"(floor {metrics['fid_proxy_floor']:.3f}); MLflow run {run['run_id']}")
+    print(f"evaluate: bpd {metrics['bpd']:.3f} (95% CI {metrics['bpd_ci_low']:.3f} to {metrics['bpd_ci_high']:.3f}, "
+          f"{metrics['n_bpd']} images), fid_proxy {metrics['fid_proxy']:.3f} (95% CI {metrics['fid_proxy_ci_low']:.3f}"
+          f" to {metrics['fid_proxy_ci_high']:.3f}; floor {metrics['fid_proxy_floor']:.3f}); MLflow run {run['run_id']}")
 
 
-def write_reports(p: Params, metrics: dict[str, Any], terms_bpd: np.ndarray, losses: dict[str, np.ndarray]) -> None:
+def write_reports(p: Params, metrics: dict[str, Any], bound: BoundEstimate, losses: dict[str, np.ndarray]) -> None:
     write_json(paths.METRICS, metrics)
-    reports.write_csv(paths.BPD_PER_T, ["t", "bpd"], [(i + 1, f"{v:.8g}") for i, v in enumerate(terms_bpd)])
+    reports.write_csv(paths.BPD_PER_T, ["t", "bpd"], [(i + 1, f"{v:.8g}") for i, v in enumerate(bound.terms_bpd)])
+    reports.write_csv(paths.BPD_PER_IMAGE, ["image", "phase", "bpd"],
+                      [(int(i), int(ph), f"{v:.10g}") for i, ph, v in zip(bound.image_ids, bound.phase, bound.per_image)])
     title = f"{p.data['dataset']}, {p.diffusion['schedule']} T={p.diffusion['T']}"
-    reports.plot_bpd_per_t(terms_bpd, paths.BPD_PLOT, f"bits/dim per t ({title}); total {metrics['bpd']:.3f}")
+    reports.plot_bpd_per_t(bound.terms_bpd, paths.BPD_PLOT, f"bits/dim per t ({title}); total {metrics['bpd']:.3f}")
     reports.plot_loss(losses["step"], losses["loss"], paths.LOSS_PLOT, f"training loss ({title})")
     paths.SUMMARY.write_text(reports.summary_markdown(p.flat(), metrics))

@@ -126,6 +126,14 @@ def start_parent_run(experiment: str, run_name: str, params: dict[str, Any], tag
     return run.info.run_id
 
 
+def log_metrics_to(experiment: str, run_id: str, metrics: dict[str, float]) -> None:
+    """Add metrics to an existing run (e.g. a sweep's paired differences to each point's run)."""
+    mlflow = _connect(experiment)
+    client = mlflow.MlflowClient()
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+
+
 def finish_parent_run(experiment: str, run_id: str, metrics: dict[str, float], artifacts: list[Path],
                       status: str, tags: dict[str, str] | None = None) -> None:
     mlflow = _connect(experiment)

@@ -18,7 +18,7 @@ TINY = {
     "train": {"steps": 30, "batch_size": 32, "checkpoint_every": 10, "threads": 1},
     "featurizer": {"epochs": 1},
     "sample": {"n": 40, "steps": 10, "batch_size": 40},
-    "evaluate": {"n_bpd": 4, "n_fid": 40, "chunk_size": 100},
+    "evaluate": {"bpd_passes": 600, "bpd_exact_t": 4, "bpd_draws": 6, "n_fid": 40, "chunk_size": 100},
 }
 
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-from pipeline.params import PARAMS_FILE, ParamsError, load_params, validate
+from pipeline.params import PARAMS_FILE, ParamsError, bound_design, load_params, sample_steps, validate
 from pipeline.__main__ import main
 
 DEFAULTS = yaml.safe_load(PARAMS_FILE.read_text())
@@ -37,6 +37,13 @@ def test_the_shipped_params_are_valid():
     ("sample", "steps", 5000, r"sample.steps = 5000 is not allowed: must be in \[2, diffusion.T = 1000\]"),
     ("sample", "sampler", "plms", r"sample.sampler = 'plms' is not allowed: must be one of ancestral, ddim"),
     ("evaluate", "n_fid", 10_000, r"evaluate.n_fid = 10000 is not allowed: must be <= sample.n"),
+    ("sample", "steps", "most", r"sample.steps = 'most' is not allowed: must be an integer >= 2, or 'all'"),
+    ("evaluate", "bpd_estimator", "exact", r"evaluate.bpd_estimator = 'exact' is not allowed: must be one of "
+                                           r"importance, all_t"),
+    ("evaluate", "bpd_passes", 20, r"evaluate.bpd_passes = 20 is not allowed: the importance estimator at "
+                                   r"diffusion.T = 1000 needs 16 passes per image .* at least 32"),
+    ("evaluate", "bpd_draws", 0, r"evaluate.bpd_draws = 0 is not allowed: must be an integer >= 1"),
+    ("evaluate", "fid_bootstrap", 3, r"evaluate.fid_bootstrap = 3 is not allowed: must be an integer >= 10"),
 ])
 def test_bad_values_name_key_value_and_allowed(section, key, value, message):
     with pytest.raises(ParamsError, match=message):
@@ -62,6 +69,26 @@ def test_cosine_accepts_small_T():
     raw["diffusion"]["T"] = 10
     raw["sample"]["steps"] = 10
     assert validate(raw).diffusion["T"] == 10
+
+
+def test_sample_steps_all_and_clamped():
+    raw = with_("sample", "steps", "all")
+    assert sample_steps(validate(raw).sample, 1000) == 1000
+    raw = with_("sample", "steps", 5000)
+    raw["sample"]["clamp_steps"] = True
+    p = validate(raw)
+    assert sample_steps(p.sample, 1000) == 1000 and sample_steps(p.sample, 10_000) == 5000
+    assert sample_steps(validate(DEFAULTS).sample, 1000) == 30
+
+
+def test_bound_budget_falls_back_to_all_t_for_small_T():
+    raw = with_("evaluate", "bpd_estimator", "all_t")
+    with pytest.raises(ParamsError, match=r"all_t estimator at diffusion.T = 1000 needs 1000 passes per image"):
+        validate(raw | {"evaluate": {**raw["evaluate"], "bpd_passes": 1999}})
+    assert bound_design(validate(raw).evaluate, 1000).passes_per_image() == 1000
+    small = validate(DEFAULTS).evaluate
+    assert bound_design(small, 12).draws == 0 and bound_design(small, 12).exact_t == 12
+    assert bound_design(small, 1000).passes_per_image() == small["bpd_exact_t"] + small["bpd_draws"]
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path, monkeypatch, capsys):
