@@ -22,7 +22,7 @@ import sys
 import flows  # noqa: E402,F401  (telemetry off, server start-up time: before prefect is imported)
 
 DEFAULT_PARAMETERS = {"name": "schedules-vs-T", "schedules": ["linear", "cosine"], "T": [100, 1000],
-                      "overrides": {}, "concurrency": 1}
+                      "overrides": {}, "concurrency": 1, "grid": {}}
 
 
 def serve(cron: str | None, interval: float | None, limit: int | None) -> None:

@@ -8,6 +8,8 @@ experiment's commit, never from the workspace, so points running side by side ca
 from __future__ import annotations
 
 import copy
+import csv
+import itertools
 from dataclasses import dataclass, field
 import json
 import os
@@ -25,8 +27,10 @@ from pipeline.params import ParamsError, validate
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 EXPECTED_ERROR = re.compile(r"^error: (check|prepare|featurizer|train|sample|evaluate): .*$", re.M)
-METRIC_KEYS = ("bpd", "prior_bpd", "decoder_bpd", "fid_proxy", "fid_proxy_floor", "kid_proxy",
-               "classifier_accuracy", "n_fid", "sample_seconds", "final_train_loss")
+METRIC_KEYS = ("bpd", "bpd_stderr", "bpd_ci_low", "bpd_ci_high", "prior_bpd", "decoder_bpd", "n_bpd",
+               "bpd_network_passes", "fid_proxy", "fid_proxy_ci_low", "fid_proxy_ci_high", "fid_proxy_floor",
+               "fid_proxy_floor_ci_low", "fid_proxy_floor_ci_high", "kid_proxy", "kid_proxy_stderr",
+               "classifier_accuracy", "n_fid", "sample_steps", "sample_seconds", "final_train_loss")
 _READ_LOCK = threading.Lock()  # dvc.api and `dvc exp pull` share the repository's index
 
 
@@ -38,22 +42,39 @@ class PointError(RuntimeError):
         self.transient = transient
 
 
+AXIS_TOKENS = {"diffusion.schedule": "", "diffusion.T": "t"}  # experiment names as before: SWEEP-linear-t100
+
+
+def short_key(key: str, keys: tuple[str, ...] = ()) -> str:
+    """'diffusion.T' -> 'T', unless another key of `keys` ends the same way (then the full key)."""
+    last = key.rpartition(".")[2]
+    return key if sum(k.rpartition(".")[2] == last for k in keys) > 1 else last
+
+
 @dataclass(frozen=True)
 class Point:
-    schedule: str
-    T: int
+    """One point of a grid: its value of every grid key (`axes`, in grid order) and the fixed overrides."""
+
+    axes: tuple[tuple[str, Any], ...]
     overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.axes)
+
+    @property
     def label(self) -> str:
-        return f"{self.schedule} T={self.T}"
+        """'cosine, T = 100, seed = 1': the schedule by its name, every other axis as key = value."""
+        return ", ".join(str(v) if k == "diffusion.schedule" else f"{short_key(k, self.keys)} = {v}"
+                         for k, v in self.axes)
 
     def exp_name(self, sweep: str) -> str:
-        return f"{sweep}-{self.schedule}-t{self.T}"
+        tokens = [AXIS_TOKENS.get(k, short_key(k, self.keys).replace(".", "_")) + str(hydra_value(v)) for k, v in self.axes]
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join([sweep, *tokens]))
 
     def settings(self) -> dict[str, Any]:
         """Every params key this point sets, as `dvc exp run -S` gets them."""
-        return {**dict(self.overrides), "diffusion.schedule": self.schedule, "diffusion.T": self.T}
+        return {**dict(self.overrides), **dict(self.axes)}
 
     def set_args(self) -> list[str]:
         return [arg for k, v in self.settings().items() for arg in ("-S", f"{k}={hydra_value(v)}")]
@@ -61,10 +82,9 @@ class Point:
 
 @dataclass
 class PointResult:
-    """What the summary shows for one point."""
+    """What the summary shows for one point, and what its paired comparisons need."""
 
-    schedule: str
-    T: int
+    axes: dict[str, Any]
     status: str                      # "ok" | "failed"
     exp_name: str
     metrics: dict[str, float] = field(default_factory=dict)
@@ -73,10 +93,17 @@ class PointResult:
     mlflow_run_id: str = ""
     exp_rev: str = ""
     reason: str = ""
+    bpd_per_image: dict[int, float] = field(default_factory=dict, repr=False)   # test image id -> bits/dim
+    fid_features: dict[str, Any] = field(default_factory=dict, repr=False)      # gen, test, train: [n, D]
+
+    @property
+    def label(self) -> str:
+        return Point(tuple(self.axes.items())).label
 
     def row(self) -> dict[str, Any]:
+        keys = tuple(self.axes)
         m = {k: self.metrics.get(k) for k in METRIC_KEYS}
-        return {"schedule": self.schedule, "T": self.T, "status": self.status, **m,
+        return {**{short_key(k, keys): v for k, v in self.axes.items()}, "status": self.status, **m,
                 "seconds": round(self.seconds, 1), "cached": self.cached, "exp_name": self.exp_name,
                 "mlflow_run_id": self.mlflow_run_id, "reason": self.reason}
 
@@ -105,19 +132,49 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def make_grid(schedules: list[str], Ts: list[int], overrides: dict[str, Any]) -> list[Point]:
-    for key in ("diffusion.schedule", "diffusion.T"):
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """`key=v1,v2,...` strings (each value YAML, lists in brackets: `model.channel_mults=[1,2],[1,2,2]`)."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        try:
+            parsed = yaml.safe_load(f"[{values}]") if sep and values.strip() else None
+        except yaml.YAMLError:
+            parsed = None
+        if not key.strip() or not isinstance(parsed, list) or not parsed:
+            raise ParamsError(f"--grid {item!r} is not key=value1,value2,... (e.g. diffusion.T=100,1000)")
+        grid.setdefault(key.strip(), []).extend(parsed)
+    return grid
+
+
+def combine_axes(schedules: list[str] | None, Ts: list[int] | None, grid: dict[str, list[Any]] | None,
+                 seeds: list[int] | None) -> dict[str, list[Any]]:
+    """The grid's keys in order: the --schedules / --T / --seeds shortcuts first, then --grid keys."""
+    axes: dict[str, list[Any]] = {}
+    for key, values in (("diffusion.schedule", schedules), ("diffusion.T", Ts), ("train.seed", seeds)):
+        if values:
+            axes[key] = list(values)
+    for key, values in (grid or {}).items():
+        if key in axes:
+            raise ParamsError(f"{key} is given twice: as a shortcut (--schedules / --T / --seeds) and in --grid")
+        axes[key] = list(values)
+    return axes
+
+
+def make_grid(axes: dict[str, list[Any]], overrides: dict[str, Any]) -> list[Point]:
+    """The cross product of the axes (first key slowest), repeated values dropped; a key is an axis or an
+    override, never both; two points may not share an experiment name."""
+    if not axes or any(not v for v in axes.values()):
+        raise ParamsError("a sweep needs at least one value for every grid key (e.g. --schedules linear --T 100)")
+    for key in axes:
         if key in overrides:
-            raise ParamsError(f"{key} is a sweep axis: give it with --schedules / --T, not as an override")
-    if not schedules or not Ts:
-        raise ParamsError("a sweep needs at least one schedule and one T")
+            raise ParamsError(f"{key} is a sweep axis: give it in the grid, not as an override")
     extra = tuple(sorted(overrides.items()))
-    seen, grid = set(), []
-    for s in schedules:
-        for T in Ts:
-            if (s, T) not in seen:
-                seen.add((s, T))
-                grid.append(Point(s, int(T), extra))
+    uniq = {k: list({json.dumps(v, sort_keys=True): v for v in vs}.values()) for k, vs in axes.items()}
+    grid = [Point(tuple(zip(uniq, combo)), extra) for combo in itertools.product(*uniq.values())]
+    names = [p.exp_name("x") for p in grid]
+    if len(set(names)) < len(names):
+        raise ParamsError("two grid values give the same experiment name; write them differently")
     return grid
 
 
@@ -198,10 +255,19 @@ def read_exp_file(root: Path, rev: str, path: str, binary: bool = False) -> str 
 
 
 def collect(root: Path, point: Point, name: str, rev: str, cached: bool, seconds: float) -> PointResult:
+    """The point's metrics, MLflow run, per-image bits/dim and FID features, from its experiment commit."""
+    import io
+
+    import numpy as np
+
     metrics = json.loads(read_exp_file(root, rev, "reports/metrics.json"))
     run = json.loads(read_exp_file(root, rev, "reports/mlflow_run.json"))
-    return PointResult(point.schedule, point.T, "ok", name, {k: metrics[k] for k in METRIC_KEYS if k in metrics},
-                       seconds, cached, run.get("run_id", ""), rev)
+    per_image = {int(r["image"]): float(r["bpd"]) for r in csv.DictReader(
+        io.StringIO(read_exp_file(root, rev, "reports/bpd_per_image.csv")))}
+    with np.load(io.BytesIO(read_exp_file(root, rev, "build/fid_features.npz", binary=True))) as z:
+        features = {k: z[k].astype(np.float64) for k in ("gen", "test", "train")}
+    return PointResult(dict(point.axes), "ok", name, {k: metrics[k] for k in METRIC_KEYS if k in metrics},
+                       seconds, cached, run.get("run_id", ""), rev, bpd_per_image=per_image, fid_features=features)
 
 
 def execute(root: Path, point: Point, sweep: str, log_path: Path, env: dict[str, str]) -> PointResult:

@@ -1,7 +1,12 @@
-"""The sweep flow: every (schedule, T) point of a grid is one DVC experiment of the pipeline.
+"""The sweep flow: every point of a grid over params.yaml keys is one DVC experiment of the pipeline.
 
-    python -m flows.sweep --name NAME --schedules linear cosine --T 100 1000 [--set key=value ...]
+    python -m flows.sweep --name NAME [--schedules linear cosine] [--T 100 1000] [--seeds 0 1]
+        [--grid key=v1,v2 ...] [--set key=value ...] [--reference key=value ...]
         [--concurrency 2] [--deployment ddpm-sweep-point/worker]
+
+--schedules, --T and --seeds are shortcuts for --grid diffusion.schedule=..., diffusion.T=..., train.seed=...;
+the grid is the cross product of all of them. The summary compares every point with a reference point (the
+first of the grid, or the one --reference names) by paired differences with 95% intervals.
 
 Points run as `dvc exp run --temp` in this checkout (at most `concurrency` at once, torch threads split
 between them), or, with `deployment`, as runs of the `ddpm-sweep-point` flow on a Prefect work pool whose
@@ -30,13 +35,14 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from flows import summary  # noqa: E402
 from flows.points import (  # noqa: E402
-    NAME_RE, Point, PointError, PointResult, collect, dvc_cmd, execute, existing_exp, exp_ref, git,
-    make_grid, parse_set, point_params_error, tool_env,
+    NAME_RE, Point, PointError, PointResult, collect, combine_axes, dvc_cmd, execute, existing_exp, exp_ref, git,
+    make_grid, parse_grid, parse_set, point_params_error, tool_env,
 )
 from pipeline import tracking  # noqa: E402
 from pipeline.params import ParamsError, load_params  # noqa: E402
 
 Schedule = Literal["linear", "quadratic", "cosine", "sigmoid"]
+GridValue = int | float | bool | str | list[int] | None  # a params value: number, choice, flag, list (channel_mults)
 RETRIES = 2
 NO_RETRY = "(not retried)"  # marks a point flow's failure that running again cannot fix
 
@@ -52,7 +58,7 @@ def threads_per_point(concurrency: int) -> int:
 
 
 @task(retries=RETRIES, retry_delay_seconds=5, retry_condition_fn=_retry_transient, cache_policy=NO_CACHE,
-      task_run_name="{point.schedule} T={point.T}")
+      task_run_name="{point.label}")
 def run_point(root: Path, sweep: str, point: Point, parent_run_id: str) -> PointResult:
     """One point in this checkout; output of `dvc exp run` in reports/sweeps/SWEEP/logs/."""
     log = summary.sweep_dir(root, sweep) / "logs" / f"{point.exp_name(sweep)}.log"
@@ -63,7 +69,7 @@ def run_point(root: Path, sweep: str, point: Point, parent_run_id: str) -> Point
 
 
 @task(retries=RETRIES, retry_delay_seconds=5, retry_condition_fn=_retry_transient, cache_policy=NO_CACHE,
-      task_run_name="{point.schedule} T={point.T} on {deployment}")
+      task_run_name="{point.label} on {deployment}")
 def run_point_on_worker(root: Path, sweep: str, point: Point, parent_run_id: str, deployment: str,
                         commit: str) -> PointResult:
     """One point as a run of the point deployment; its experiment comes back through the Git and DVC remotes."""
@@ -75,8 +81,8 @@ def run_point_on_worker(root: Path, sweep: str, point: Point, parent_run_id: str
     if rev:  # pulled by an earlier sweep: nothing to run
         return collect(root, point, point.exp_name(sweep), rev, True, time.perf_counter() - start)
     fr = run_deployment(deployment, parameters={
-        "sweep": sweep, "commit": commit, "schedule": point.schedule, "T": point.T,
-        "overrides": dict(point.overrides), "parent_run_id": parent_run_id}, timeout=None, poll_interval=2)
+        "sweep": sweep, "commit": commit, "axes": dict(point.axes), "overrides": dict(point.overrides),
+        "parent_run_id": parent_run_id}, timeout=None, poll_interval=2)
     if not fr.state.is_completed():
         message = fr.state.message or fr.state.name
         raise PointError(f"flow run {fr.name} {fr.state.name}: {message}", transient=NO_RETRY not in message)
@@ -89,13 +95,13 @@ def run_point_on_worker(root: Path, sweep: str, point: Point, parent_run_id: str
 
 
 def failed_result(point: Point, sweep: str, reason: str, seconds: float = 0.0) -> PointResult:
-    return PointResult(point.schedule, point.T, "failed", point.exp_name(sweep), seconds=seconds, reason=reason)
+    return PointResult(dict(point.axes), "failed", point.exp_name(sweep), seconds=seconds, reason=reason)
 
 
 def warm_shared_stages(root: Path, name: str, grid: list[Point]) -> None:
     """`dvc repro featurizer` once, so that points running at once restore data and featurizer from the
     run-cache instead of computing them side by side (only when no point changes the data or featurizer)."""
-    if any(k.startswith(("data.", "featurizer.")) for p in grid for k, _ in p.overrides):
+    if any(k.startswith(("data.", "featurizer.")) for p in grid for k in p.settings()):
         return
     log = summary.sweep_dir(root, name) / "logs" / "shared-stages.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -111,31 +117,32 @@ def submit_points(root: Path, name: str, grid: list[Point], parent: str, concurr
     """Invalid points fail at once; the rest run, at most `concurrency` at a time."""
     logger = get_run_logger()
     commit = git(root, "rev-parse", "HEAD")
-    results, pending = [], []
+    results: dict[int, PointResult] = {}
+    pending = []
     if concurrency > 1 and not deployment:
         warm_shared_stages(root, name, grid)
     with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
-        for point in grid:
+        for i, point in enumerate(grid):
             reason = point_params_error(root, point)
             if reason:
                 logger.error("%s cannot run: %s", point.label, reason)
-                results.append(failed_result(point, name, reason))
+                results[i] = failed_result(point, name, reason)
             elif deployment:
-                pending.append((point, runner.submit(run_point_on_worker, {
+                pending.append((i, point, runner.submit(run_point_on_worker, {
                     "root": root, "sweep": name, "point": point, "parent_run_id": parent,
                     "deployment": deployment, "commit": commit})))
             else:
-                pending.append((point, runner.submit(run_point, {
+                pending.append((i, point, runner.submit(run_point, {
                     "root": root, "sweep": name, "point": point, "parent_run_id": parent})))
-        for point, future in pending:
+        for i, point, future in pending:
             future.wait()
             if future.state.is_completed():
-                results.append(future.result())
+                results[i] = future.result()
             else:
                 exc = future.state.result(raise_on_failure=False)
                 logger.error("%s failed: %s", point.label, exc)
-                results.append(failed_result(point, name, str(exc)))
-    return results
+                results[i] = failed_result(point, name, str(exc))
+    return [results[i] for i in sorted(results)]  # grid order
 
 
 def check_sweep(root: Path, name: str, concurrency: int, deployment: str | None) -> None:
@@ -151,24 +158,29 @@ def check_sweep(root: Path, name: str, concurrency: int, deployment: str | None)
 
 
 @flow(name="ddpm-sweep", log_prints=True, validate_parameters=True)
-def sweep(name: str, schedules: list[Schedule], T: list[int], overrides: dict[str, Any] | None = None,
-          concurrency: int = 1, deployment: str | None = None, project: str | None = None):
-    """Cross `schedules` with `T`, run every point as a DVC experiment, and summarize them.
+def sweep(name: str, schedules: list[Schedule] | None = None, T: list[int] | None = None,
+          overrides: dict[str, Any] | None = None, concurrency: int = 1, deployment: str | None = None,
+          project: str | None = None, grid: dict[str, list[GridValue]] | None = None, seeds: list[int] | None = None,
+          reference: dict[str, GridValue] | None = None):
+    """Cross every grid key's values, run every point as a DVC experiment, and compare them with a reference.
 
-    overrides: other params keys for every point, e.g. {"train.steps": 300}. concurrency: points at once
-    (torch threads are split between them unless train.threads is given). deployment: run the points on a
-    work pool through this deployment of `ddpm-sweep-point` instead of in this checkout. project: the
-    project's folder (default: the current directory).
+    schedules, T, seeds: shortcuts for grid keys diffusion.schedule, diffusion.T, train.seed. grid: any other
+    params keys, e.g. {"train.loss": ["simple", "hybrid"]}. overrides: fixed keys for every point, e.g.
+    {"train.steps": 300}. reference: the point the others are compared with (default: the first of the grid),
+    e.g. {"diffusion.schedule": "linear", "diffusion.T": 100}. concurrency: points at once (torch threads
+    are split between them unless train.threads is given). deployment: run the points on a work pool through
+    this deployment of `ddpm-sweep-point`. project: the project's folder (default: the current directory).
     """
     root = Path(project or ".").resolve()
     overrides = dict(overrides or {})
     check_sweep(root, name, concurrency, deployment)
-    if concurrency > 1 and "train.threads" not in overrides:
+    axes = combine_axes(schedules, T, grid, seeds)
+    if concurrency > 1 and "train.threads" not in overrides and "train.threads" not in axes:
         overrides["train.threads"] = threads_per_point(concurrency)
-    grid = make_grid(list(schedules), list(T), overrides)
+    points = make_grid(axes, overrides)
     experiment = load_params(root / "params.yaml").mlflow["experiment"]
     with project_root_env(root):
-        return _run_sweep(root, name, schedules, T, overrides, concurrency, deployment, grid, experiment)
+        return _run_sweep(root, name, axes, overrides, concurrency, deployment, points, experiment, reference)
 
 
 @contextlib.contextmanager
@@ -185,11 +197,11 @@ def project_root_env(root: Path):
             os.environ["DDPM_PROJECT_ROOT"] = old
 
 
-def _run_sweep(root, name, schedules, T, overrides, concurrency, deployment, grid, experiment):
+def _run_sweep(root, name, axes, overrides, concurrency, deployment, grid, experiment, reference):
     start = time.perf_counter()
     parent = tracking.start_parent_run(
-        experiment, f"sweep-{name}", {"sweep.schedules": list(schedules), "sweep.T": list(T),
-                                      "sweep.overrides": overrides, "sweep.concurrency": concurrency},
+        experiment, f"sweep-{name}", {"sweep.grid": axes, "sweep.overrides": overrides,
+                                      "sweep.concurrency": concurrency, "sweep.reference": reference or "first"},
         {"sweep": name, "sweep_deployment": deployment or ""})
     results: list[PointResult] = []
     try:
@@ -199,27 +211,43 @@ def _run_sweep(root, name, schedules, T, overrides, concurrency, deployment, gri
         message = f"{ok} of {len(grid)} points succeeded"
         header = f"{message} in {time.perf_counter() - start:.0f} s; commit {git(root, 'rev-parse', 'HEAD')[:10]}; " \
                  f"overrides {overrides or 'none'}; MLflow parent run {parent}"
-        files = summary.write_all(root, name, results, header) if results else {}
-        if files:
-            summary.publish_prefect(name, results, files, header)
+        summary_ = summary.write_all(root, name, results, header, reference) if results else None
+        files = summary_["files"] if summary_ else {}
+        if summary_:
+            summary.publish_prefect(name, summary_, header)
+            log_differences(experiment, results, summary_["frame"])
         tracking.finish_parent_run(
             experiment, parent, {"points_ok": ok, "points_failed": len(grid) - ok}, list(files.values()),
             "FINISHED" if results and ok == len(grid) else "FAILED", {"summary": message})
     print(f"sweep {name}: {message}; summary in {summary.sweep_dir(root, name)}")
-    failed = "; ".join(f"{r.schedule} T={r.T}: {r.reason}" for r in results if r.status != "ok")
+    for line in (summary_ or {}).get("verdicts", []):
+        print(f"  {line}")
+    failed = "; ".join(f"{r.label}: {r.reason}" for r in results if r.status != "ok")
+    rows = summary_["frame"].to_dict("records") if summary_ else []
     if ok == len(grid):
-        return Completed(message=message, data=[r.row() for r in results])
-    return Failed(message=f"{message}; failed: {failed}", data=[r.row() for r in results])
+        return Completed(message=message, data=rows)
+    return Failed(message=f"{message}; failed: {failed}", data=rows)
+
+
+def log_differences(experiment: str, results: list[PointResult], frame) -> None:
+    """The paired differences as MLflow metrics of each point's run (a run reused from an earlier sweep gets
+    this sweep's differences)."""
+    from flows.analysis import DIFF_COLUMNS
+
+    for r, row in zip(results, frame.to_dict("records")):
+        diffs = {k: row[k] for k in DIFF_COLUMNS if row.get(k) is not None and row[k] == row[k]}
+        if r.mlflow_run_id and diffs:
+            tracking.log_metrics_to(experiment, r.mlflow_run_id, diffs)
 
 
 @flow(name="ddpm-sweep-point", log_prints=True)
-def sweep_point(sweep: str, commit: str, schedule: str, T: int, overrides: dict[str, Any] | None = None,
+def sweep_point(sweep: str, commit: str, axes: dict[str, Any], overrides: dict[str, Any] | None = None,
                 parent_run_id: str = "") -> dict[str, Any]:
     """One point on a worker: check out `commit` in the worker's checkout ($DDPM_CHECKOUT), run the
     experiment, and push it to the Git remote `origin` and the default DVC remote."""
     try:
         return _point_in_checkout(Path(os.environ.get("DDPM_CHECKOUT") or ".").resolve(), sweep, commit,
-                                  Point(schedule, int(T), tuple(sorted((overrides or {}).items()))), parent_run_id)
+                                  Point(tuple(axes.items()), tuple(sorted((overrides or {}).items()))), parent_run_id)
     except PointError as e:
         if e.transient:
             raise
@@ -248,20 +276,28 @@ def _point_in_checkout(root: Path, sweep: str, commit: str, point: Point, parent
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.splitlines()[0])
     ap.add_argument("--name", required=True, help="sweep name: reports/sweeps/NAME/, experiment names NAME-...")
-    ap.add_argument("--schedules", nargs="+", required=True, choices=["linear", "quadratic", "cosine", "sigmoid"])
-    ap.add_argument("--T", nargs="+", type=int, required=True)
+    ap.add_argument("--schedules", nargs="+", choices=["linear", "quadratic", "cosine", "sigmoid"],
+                    help="shortcut for --grid diffusion.schedule=...")
+    ap.add_argument("--T", nargs="+", type=int, help="shortcut for --grid diffusion.T=...")
+    ap.add_argument("--seeds", nargs="+", type=int, help="training seeds: shortcut for --grid train.seed=...")
+    ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a grid key and its values (YAML; repeat for more keys)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other params for every point")
+    ap.add_argument("--reference", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="the point the others are compared with (default: the first of the grid)")
     ap.add_argument("--concurrency", type=int, default=1, help="points at once (default 1)")
     ap.add_argument("--deployment", help="run points on a work pool through this ddpm-sweep-point deployment")
     args = ap.parse_args(argv)
     try:
-        overrides = parse_set(args.set)
+        overrides, reference = parse_set(args.set), parse_set(args.reference) or None
+        grid = parse_grid(args.grid)
+        make_grid(combine_axes(args.schedules, args.T, grid, args.seeds), overrides)
         check_sweep(Path.cwd(), args.name, args.concurrency, args.deployment)
     except ParamsError as e:
         print(f"error: sweep: {e}", file=sys.stderr)
         return 2
-    state = sweep(args.name, args.schedules, args.T, overrides, args.concurrency, args.deployment,
-                  return_state=True)
+    state = sweep(args.name, args.schedules, args.T, overrides, args.concurrency, args.deployment, grid=grid,
+                  seeds=args.seeds, reference=reference, return_state=True)
     print(state.message)
     return 0 if state.is_completed() else 1
 

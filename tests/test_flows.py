@@ -1,6 +1,7 @@
 """Sweep flows: grid and params handling, the summary, and whole sweeps under Prefect's test harness."""
 
 import csv
+import re
 from pathlib import Path
 import socket
 import subprocess
@@ -8,13 +9,14 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import yaml
 
-from flows import summary
+from flows import analysis, summary
 from flows.points import (
-    Point, PointError, PointResult, execute, failure_reason, hydra_value, make_grid, parse_set, point_params_error,
-    tool_env,
+    Point, PointError, PointResult, combine_axes, execute, failure_reason, hydra_value, make_grid, parse_grid,
+    parse_set, point_params_error, tool_env,
 )
 from pipeline.params import ParamsError
 
@@ -23,12 +25,16 @@ from project import ROOT, make_project, run
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def pt(schedule, T, overrides=()):
+    return Point((("diffusion.schedule", schedule), ("diffusion.T", T)), tuple(overrides))
+
+
 # --- fast: the grid, params and the summary ---------------------------------------------------------------
 def test_overrides_are_written_in_dvc_set_grammar():
     assert hydra_value([1, 2, 2]) == "[1,2,2]"
     assert hydra_value(True) == "true" and hydra_value(None) == "null" and hydra_value(0.0002) == "0.0002"
     assert hydra_value("cosine") == "cosine" and hydra_value("a b") == "'a b'"
-    assert Point("cosine", 100, (("train.steps", 5),)).set_args() == [
+    assert pt("cosine", 100, (("train.steps", 5),)).set_args() == [
         "-S", "train.steps=5", "-S", "diffusion.schedule=cosine", "-S", "diffusion.T=100"]
 
 
@@ -40,19 +46,40 @@ def test_set_values_are_yaml():
 
 
 def test_grid_is_the_cross_product_without_repeats():
-    grid = make_grid(["linear", "cosine", "linear"], [100, 1000], {"train.steps": 5})
-    assert [(p.schedule, p.T) for p in grid] == [("linear", 100), ("linear", 1000), ("cosine", 100), ("cosine", 1000)]
-    assert grid[0].exp_name("s1") == "s1-linear-t100"
+    grid = make_grid(combine_axes(["linear", "cosine", "linear"], [100, 1000], None, None), {"train.steps": 5})
+    assert [tuple(dict(p.axes).values()) for p in grid] == [
+        ("linear", 100), ("linear", 1000), ("cosine", 100), ("cosine", 1000)]
+    assert grid[0].exp_name("s1") == "s1-linear-t100" and grid[0].label == "linear, T = 100"
+    assert grid[0].settings() == {"train.steps": 5, "diffusion.schedule": "linear", "diffusion.T": 100}
     with pytest.raises(ParamsError, match="diffusion.T is a sweep axis"):
-        make_grid(["linear"], [100], {"diffusion.T": 5})
+        make_grid(combine_axes(["linear"], [100], None, None), {"diffusion.T": 5})
+
+
+def test_a_grid_crosses_any_keys():
+    grid_arg = parse_grid(["train.loss=simple,hybrid", "model.channel_mults=[1,2],[1,2,2]"])
+    assert grid_arg == {"train.loss": ["simple", "hybrid"], "model.channel_mults": [[1, 2], [1, 2, 2]]}
+    axes = combine_axes(None, [100], grid_arg, [0, 1])
+    assert list(axes) == ["diffusion.T", "train.seed", "train.loss", "model.channel_mults"]
+    grid = make_grid(axes, {})
+    assert len(grid) == 8 and grid[-1].exp_name("g") == "g-t100-seed1-losshybrid-channel_mults_1_2_2_"
+    assert grid[-1].label == "T = 100, seed = 1, loss = hybrid, channel_mults = [1, 2, 2]"
+    assert len({p.exp_name("g") for p in grid}) == 8
+    with pytest.raises(ParamsError, match="given twice"):
+        combine_axes(None, [100], {"diffusion.T": [5]}, None)
+    with pytest.raises(ParamsError, match="not key=value1,value2"):
+        parse_grid(["train.loss"])
+    with pytest.raises(ParamsError, match="same experiment name"):
+        make_grid({"data.root": ["a/b", "a_b"]}, {})
 
 
 def test_points_are_validated_with_the_pipeline_rules():
-    assert point_params_error(ROOT, Point("cosine", 100)) is None
-    reason = point_params_error(ROOT, Point("linear", 10))
+    assert point_params_error(ROOT, pt("cosine", 100)) is None
+    reason = point_params_error(ROOT, pt("linear", 10))
     assert "diffusion.T = 10" in reason and "T >= 21" in reason
-    assert "unknown key train.stepz" in point_params_error(ROOT, Point("linear", 100, (("train.stepz", 1),)))
-    assert "train.lr = -1" in point_params_error(ROOT, Point("linear", 100, (("train.lr", -1),)))
+    assert "unknown key train.stepz" in point_params_error(ROOT, pt("linear", 100, (("train.stepz", 1),)))
+    assert "train.lr = -1" in point_params_error(ROOT, pt("linear", 100, (("train.lr", -1),)))
+    assert "sample.clamp_steps" in point_params_error(ROOT, pt("cosine", 20))  # 30 sampling steps > T
+    assert point_params_error(ROOT, pt("cosine", 20, (("sample.clamp_steps", True),))) is None
 
 
 def test_expected_stage_errors_are_not_retried_and_crashes_are():
@@ -62,24 +89,64 @@ def test_expected_stage_errors_are_not_retried_and_crashes_are():
     assert e.transient and "killed by signal 9" in str(e)
 
 
-def result(schedule, T, bpd, fid, status="ok"):
-    metrics = {"bpd": bpd, "prior_bpd": 1e-5, "decoder_bpd": 1.0, "fid_proxy": fid, "fid_proxy_floor": 2.0,
-               "sample_seconds": 3.0} if status == "ok" else {}
-    return PointResult(schedule, T, status, f"s-{schedule}-t{T}", metrics, 10.0,
-                       reason="" if status == "ok" else "error: check: bad")
+def result(schedule, T, bpd, fid, status="ok", seed=None, shift=0.0):
+    """A point whose 40 per-image bounds are bpd + noise (common to all points: paired) and whose samples'
+    features are the reference's shifted by `shift`."""
+    rng = np.random.default_rng(0)
+    axes = {"diffusion.schedule": schedule, "diffusion.T": T, **({"train.seed": seed} if seed is not None else {})}
+    if status != "ok":
+        return PointResult(axes, status, f"s-{schedule}-t{T}", seconds=10.0, reason="error: check: bad")
+    common = rng.normal(0, 0.5, 40)
+    own = np.random.default_rng([T, ord(schedule[0]), seed or 0])
+    per_image = {i: bpd + c + 0.01 * own.normal() for i, c in enumerate(common)}
+    ref = np.random.default_rng(1).normal(size=(300, 4))
+    gen = np.random.default_rng(2 + int(shift * 10)).normal(size=(300, 4)) + np.array([shift, 0, 0, 0])
+    values = np.array(list(per_image.values()))
+    metrics = {"bpd": values.mean(), "bpd_ci_low": values.mean() - 0.15, "bpd_ci_high": values.mean() + 0.15,
+               "prior_bpd": 1e-5, "decoder_bpd": 1.0, "fid_proxy": fid, "fid_proxy_ci_low": fid - 1,
+               "fid_proxy_ci_high": fid + 1, "fid_proxy_floor": 2.0, "sample_seconds": 3.0, "n_fid": 300}
+    return PointResult(axes, status, f"s-{schedule}-t{T}", metrics, 10.0, bpd_per_image=per_image,
+                       fid_features={"gen": gen, "test": ref, "train": ref})
 
 
-def test_summary_table_and_plot(tmp_path):
-    results = [result("linear", 1000, 3.1, 10.0), result("cosine", 100, 3.5, 12.0), result("linear", 100, 3.6, 14.0),
-               result("cosine", 1000, 0, 0, status="failed")]
-    files = summary.write_all(tmp_path, "s", results, "3 of 4 points succeeded")
+def test_summary_table_differences_verdicts_and_plot(tmp_path):
+    results = [result("linear", 100, 3.6, 14.0), result("linear", 1000, 3.1, 10.0, shift=0.8),
+               result("cosine", 100, 3.6, 12.0), result("cosine", 1000, 0, 0, status="failed")]
+    out = summary.write_all(tmp_path, "s", results, "3 of 4 points succeeded")
+    files = out["files"]
     rows = list(csv.DictReader(files["csv"].open()))
-    assert [(r["schedule"], r["T"], r["status"]) for r in rows] == [
-        ("cosine", "100", "ok"), ("cosine", "1000", "failed"), ("linear", "100", "ok"), ("linear", "1000", "ok")]
-    assert rows[3]["bpd"] == "3.1" and rows[1]["reason"] == "error: check: bad" and rows[1]["bpd"] == ""
+    assert [(r["schedule"], r["T"], r["status"], r["reference"]) for r in rows] == [
+        ("linear", "100", "ok", "True"), ("linear", "1000", "ok", "False"), ("cosine", "100", "ok", "False"),
+        ("cosine", "1000", "failed", "False")]
+    assert rows[1]["reason"] == "" and rows[3]["reason"] == "error: check: bad" and rows[3]["bpd"] == ""
+    for column in analysis.DIFF_COLUMNS:  # the reference and the failed point have no differences
+        assert rows[0][column] == "" and rows[3][column] == ""
+    # paired: the common per-image noise cancels, so the 0.5 bits/dim gap is resolved far below its sd
+    assert float(rows[1]["bpd_diff"]) == pytest.approx(-0.5, abs=0.01)
+    assert float(rows[1]["bpd_diff_ci_high"]) < 0 and float(rows[1]["bpd_diff_ci_high"]) - float(rows[1]["bpd_diff_ci_low"]) < 0.02
+    assert float(rows[2]["bpd_diff_ci_low"]) < 0 < float(rows[2]["bpd_diff_ci_high"])
+    assert float(rows[1]["fid_proxy_diff_ci_low"]) > 0
     md = files["md"].read_text()
-    assert "| linear | 1000 | ok | 3.1 |" in md and "3 of 4 points succeeded" in md
-    assert files["plot"].read_bytes()[:8] == PNG
+    assert "3 of 4 points succeeded" in md and "Reference point: **linear, T = 100**" in md
+    assert re.search(r"- linear, T = 1000 has 0\.50\d bits/dim less than linear, T = 100 \(95% CI 0\.49\d to 0\.5", md)
+    assert "paired over 40 test images" in md
+    assert "- No difference in bits/dim detected between cosine, T = 100 and linear, T = 100 at this budget" in md
+    assert "- linear, T = 1000 has a FID-proxy" in md and "higher than linear, T = 100" in md
+    assert files["plot"].read_bytes()[:8] == PNG and "seeds" not in files
+
+
+def test_seeds_are_summarized_across_runs_and_the_reference_can_be_named(tmp_path):
+    results = [result("linear", 100, 3.6 + 0.1 * s, 14.0 + s, seed=s) for s in (0, 1, 2)]
+    results += [result("cosine", 100, 3.2 + 0.1 * s, 12.0, seed=s) for s in (0, 1, 2)]
+    out = summary.write_all(tmp_path, "s", results, "6 of 6", reference={"diffusion.schedule": "cosine", "train.seed": 1})
+    assert out["reference"] == 4
+    seeds = list(csv.DictReader(out["files"]["seeds"].open()))
+    assert [(r["schedule"], r["seeds"]) for r in seeds] == [("linear", "3"), ("cosine", "3")]
+    assert float(seeds[0]["bpd_sd_across_seeds"]) == pytest.approx(0.1, abs=0.01)
+    assert float(seeds[0]["fid_proxy_sd_across_seeds"]) == pytest.approx(1.0)
+    assert "## Across training seeds" in out["files"]["md"].read_text()
+    with pytest.raises(ParamsError, match="matches 3 points"):
+        analysis.reference_index(results, {"diffusion.schedule": "cosine"})
 
 
 # --- slow: whole sweeps on a tiny digits project -----------------------------------------------------------
@@ -133,6 +200,17 @@ def test_two_by_two_sweep(harness, project, monkeypatch):
     out = summary.sweep_dir(project, "grid")
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert len(rows) == 4 and all(r["status"] == "ok" and float(r["bpd"]) > 0 for r in rows)
+    # every point with its intervals; differences against the first point of the grid, empty for it
+    for r in rows:
+        assert float(r["bpd_ci_low"]) < float(r["bpd"]) < float(r["bpd_ci_high"])
+        assert float(r["fid_proxy_ci_low"]) < float(r["fid_proxy"]) < float(r["fid_proxy_ci_high"])
+    assert [r["reference"] for r in rows] == ["True", "False", "False", "False"]
+    assert all(rows[0][c] == "" for c in analysis.DIFF_COLUMNS)
+    for r in rows[1:]:
+        assert float(r["bpd_diff_ci_low"]) <= float(r["bpd_diff"]) <= float(r["bpd_diff_ci_high"])
+        assert float(r["bpd_diff"]) == pytest.approx(float(r["bpd"]) - float(rows[0]["bpd"]), abs=1e-6)
+        assert r["fid_proxy_diff"] != ""
+    assert "Reference point: **linear, T = 50**" in (out / "summary.md").read_text()
     assert {(r["schedule"], r["T"]) for r in rows} == {("linear", "50"), ("linear", "100"), ("cosine", "50"),
                                                        ("cosine", "100")}
     assert (out / "sweep.png").read_bytes()[:8] == PNG
@@ -151,6 +229,8 @@ def test_two_by_two_sweep(harness, project, monkeypatch):
     assert {(c.data.params["diffusion.schedule"], c.data.params["diffusion.T"]) for c in children} == {
         ("linear", "50"), ("linear", "100"), ("cosine", "50"), ("cosine", "100")}
     assert {r["mlflow_run_id"] for r in rows} == {c.info.run_id for c in children}
+    diffs = {c.info.run_id: c.data.metrics.get("bpd_diff") for c in children}
+    assert sum(v is None for v in diffs.values()) == 1  # the reference's run has none
     assert {"summary.csv", "summary.md", "sweep.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     # the table and the plot are Prefect artifacts
     with get_client(sync_client=True) as pc:
@@ -182,7 +262,7 @@ def test_failing_points_leave_the_others_intact(harness, project, monkeypatch):
 @pytest.mark.slow
 def test_a_stage_failure_is_reported_once_with_its_reason(project, tmp_path):
     """A point that passes validation but fails in a stage: not retried, its output kept in the log."""
-    point = Point("linear", 50, (("data.dataset", "mnist"), ("data.root", str(tmp_path / "nowhere"))))
+    point = pt("linear", 50, (("data.dataset", "mnist"), ("data.root", str(tmp_path / "nowhere"))))
     log = tmp_path / "point.log"
     with pytest.raises(PointError) as err:
         execute(project, point, "nodata", log, tool_env())
