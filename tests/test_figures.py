@@ -61,4 +61,5 @@ def test_lambda_times_squared_eps_error_is_the_kl_mean_term(variance):
         mean, _, _ = q_posterior_mean_variance(s, x0_from_eps(s, x_t, t, eps_hat), x_t, t)
         return mean_flat(normal_kl(true_mean, true_log_var, mean, log_var))
 
-    torch.testing.assert_close(kl(eps + err) - kl(eps), torch.from_numpy(lam) * mean_flat(err**2), rtol=1e-8, atol=1e-12)
+    expected = torch.from_numpy(lam) * mean_flat(err**2)
+    torch.testing.assert_close(kl(eps + err) - kl(eps), expected, rtol=1e-8, atol=1e-12)
