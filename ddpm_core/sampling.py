@@ -7,7 +7,7 @@ DDIM with eta = 1 on the full grid draws the same noise as ancestral sampling an
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from .schedules import NoiseSchedule, respace
 
 Sampler = Literal["ancestral", "ddim"]
 SAMPLERS = ("ancestral", "ddim")
+# on_step(i, x_t, x0_hat): called once per step, before the update, with the 0-based index i into the
+# sampler's schedule, the current x_t and the predicted x_0 [N, C, H, W]; it must not modify them.
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 def _steps(s: NoiseSchedule, progress: bool, desc: str):
@@ -27,12 +30,15 @@ def _steps(s: NoiseSchedule, progress: bool, desc: str):
 @torch.no_grad()
 def ancestral_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], generator: torch.Generator,
                      variance: Variance = "fixed_small", objective: Objective = "eps", clip_x0: bool = False,
-                     device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+                     device: torch.device | str = "cpu", progress: bool = False,
+                     on_step: StepCallback | None = None) -> torch.Tensor:
     """Algorithm 2: x_T ~ N(0, I); x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step."""
     x = torch.randn(shape, generator=generator, device=device)
     for i in _steps(s, progress, "ancestral"):
         t = torch.full((shape[0],), i, dtype=torch.long, device=device)
         p = p_mean_variance(model, s, x, t, variance=variance, objective=objective, clip_x0=clip_x0)
+        if on_step is not None:
+            on_step(i, x, p["pred_x0"])
         x = p["mean"]
         if i > 0:
             x = x + torch.exp(0.5 * p["log_variance"]) * torch.randn(shape, generator=generator, device=device)
@@ -50,7 +56,8 @@ def ddim_coefficients(s: NoiseSchedule, eta: float) -> tuple[np.ndarray, np.ndar
 @torch.no_grad()
 def ddim_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], generator: torch.Generator,
                 eta: float = 0.0, objective: Objective = "eps", clip_x0: bool = False,
-                device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+                device: torch.device | str = "cpu", progress: bool = False,
+                on_step: StepCallback | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) on the steps of `s`:
 
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
@@ -62,6 +69,8 @@ def ddim_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], gener
     for i in _steps(s, progress, f"ddim(eta={eta})"):
         t = torch.full((shape[0],), i, dtype=torch.long, device=device)
         p = p_mean_variance(model, s, x, t, objective=objective, clip_x0=clip_x0)
+        if on_step is not None:
+            on_step(i, x, p["pred_x0"])
         x = extract(sqrt_abar_prev, t, x) * p["pred_x0"] + extract(eps_coefs, t, x) * p["pred_eps"]
         if i > 0:
             x = x + extract(sigmas, t, x) * torch.randn(shape, generator=generator, device=device)

@@ -158,11 +158,20 @@ class NoiseSchedule:
 
 
 def respaced_indices(T: int, K: int) -> np.ndarray:
-    """K evenly spaced indices of 0..T-1 that keep both ends (improved DDPM's single-section spacing)."""
+    """K evenly spaced indices of 0..T-1 that keep both ends, as improved DDPM's `space_timesteps(T, [K])`.
+
+    That convention: a fractional stride (T - 1) / (K - 1) is added up in floating point and each running sum
+    is rounded half to even (Python's round), so a tie such as 166.5 (T = 1000, K = 25) gives 166, not 167.
+    The stride is >= 1, so the indices are distinct; K = T keeps every index.
+    """
     if not 2 <= K <= T:
         raise ScheduleError(f"respaced step count must be between 2 and T={T}; got {K}")
-    stride = (T - 1) / (K - 1)  # >= 1, so the rounded indices are distinct
-    return np.array([math.floor(i * stride + 0.5) for i in range(K)], dtype=np.int64)
+    stride = (T - 1) / (K - 1)
+    kept, position = [], 0.0
+    for _ in range(K):
+        kept.append(round(position))
+        position += stride
+    return np.array(kept, dtype=np.int64)
 
 
 def respace(schedule: NoiseSchedule, K: int) -> NoiseSchedule:

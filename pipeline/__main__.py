@@ -1,4 +1,4 @@
-"""`python -m pipeline STAGE`: check | prepare | featurizer | train | sample | evaluate.
+"""`python -m pipeline STAGE`: check | prepare | featurizer | train | sample | figures | evaluate.
 
 Every stage validates params.yaml first; an expected failure prints one line and exits with status 2.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-STAGES = ("check", "prepare", "featurizer", "train", "sample", "evaluate")
+STAGES = ("check", "prepare", "featurizer", "train", "sample", "figures", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from ddpm_core.schedules import ScheduleError
     from ddpm_core.train import NonFiniteLossError
 
-    from . import paths, stages
+    from . import figures, paths, stages
     from .params import ParamsError, load_params
     from .tracking import TrackingError
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             (paths.BUILD / "params.ok").write_text("params.yaml is valid\n")
             print("check: params.yaml is valid")
         else:
-            getattr(stages, argv[0])(params)
+            getattr(figures if argv[0] == "figures" else stages, argv[0])(params)
     except expected as e:
         print(f"error: {argv[0]}: {e}", file=sys.stderr)
         return 2

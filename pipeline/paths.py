@@ -26,6 +26,12 @@ BPD_PLOT = REPORTS / "bpd_per_t.png"
 LOSS_PLOT = REPORTS / "train_loss.png"
 SUMMARY = REPORTS / "summary.md"
 MLFLOW_RUN = REPORTS / "mlflow_run.json"
+FIGURES = REPORTS / "figures"               # figures: pictures of the process for docs/derivation*.md
+NOISING_PLOT = FIGURES / "noising.png"
+SCHEDULES_PLOT = FIGURES / "schedules.png"
+WEIGHTS_PLOT = FIGURES / "loss_weights.png"
+DENOISING_PLOT = FIGURES / "denoising.png"
+FIGURE_FILES = (NOISING_PLOT, SCHEDULES_PLOT, WEIGHTS_PLOT, DENOISING_PLOT)
 
 
 def project_root(cwd: Path | None = None) -> Path:

@@ -65,14 +65,25 @@ def plot_loss(steps: np.ndarray, loss: np.ndarray, path: Path, title: str) -> No
 
 
 def plot_bpd_per_t(terms_bpd: np.ndarray, path: Path, title: str) -> None:
-    """Bits/dim of each term L_{t-1} against t (log scale; the decoder L_0 sits at t = 1)."""
+    """Bits/dim of each term L_{t-1} against t (log scales; the decoder L_0 sits at t = 1), and on a second
+    axis the cumulative share of their sum carried by the terms up to t (L_T is left out: ~1e-5 bits/dim)."""
     plt = _figure()
     t = np.arange(1, len(terms_bpd) + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    share = np.cumsum(terms_bpd) / terms_bpd.sum()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
     ax.plot(t[1:], np.clip(terms_bpd[1:], 1e-8, None), lw=1.2, label="KL terms L_{t-1}")
     ax.scatter([1], [terms_bpd[0]], color="C3", zorder=3, label=f"decoder L_0 = {terms_bpd[0]:.3f}")
     ax.set(xlabel="t", ylabel="bits/dim", title=title, xscale="log", yscale="log")
-    ax.legend()
+    right = ax.twinx()
+    right.plot(t, 100 * share, color="C2", lw=1.6, label="cumulative share of the sum (right)")
+    marks = [m for m in (1, 10, 100) if m < len(t)]
+    for m in marks:
+        right.annotate(f"t <= {m}: {100 * share[m - 1]:.0f}%", (m, 100 * share[m - 1]), xytext=(4, -12),
+                       textcoords="offset points", fontsize=7, color="C2")
+    right.scatter(marks, [100 * share[m - 1] for m in marks], color="C2", s=12, zorder=3)
+    right.set(ylabel="% of the sum of the terms", ylim=(0, 105))
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="center right")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path)

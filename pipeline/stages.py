@@ -198,7 +198,7 @@ def evaluate(p: Params) -> None:
         p.mlflow["experiment"], p.flat(), {k: float(v) for k, v in metrics.items()},
         (losses["step"].astype(int).tolist(), losses["loss"].tolist()),
         [paths.SAMPLE_GRID, paths.LOSS_PLOT, paths.BPD_PLOT, paths.BPD_PER_T, paths.BPD_PER_IMAGE, paths.SUMMARY,
-         paths.TRAIN_CURVE],
+         paths.TRAIN_CURVE, *paths.FIGURE_FILES],
         FlatEpsModel(net.cpu(), tuple(meta["image_shape"])),
         {"data_sha256": meta["data_sha256"], "dataset": meta["dataset"],
          "run_name": f"{meta['dataset']}-{p.diffusion['schedule']}-T{p.diffusion['T']}"},

@@ -25,7 +25,7 @@ def test_repro_builds_every_result(project):
     assert metrics["n_fid"] == 40 and metrics["bpd"] > 0 and metrics["fid_proxy"] > 0
     assert metrics["bpd"] == pytest.approx(metrics["prior_bpd"] + sum(
         float(line.split(",")[1]) for line in (project / paths.BPD_PER_T).read_text().splitlines()[1:]), rel=1e-5)
-    for png in (paths.SAMPLE_GRID, paths.LOSS_PLOT, paths.BPD_PLOT):
+    for png in (paths.SAMPLE_GRID, paths.LOSS_PLOT, paths.BPD_PLOT, *paths.FIGURE_FILES):
         assert (project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert len((project / paths.TRAIN_CURVE).read_text().splitlines()) == 31
     assert "| fid_proxy |" in (project / paths.SUMMARY).read_text()
@@ -45,6 +45,7 @@ def test_mlflow_records_one_complete_run(project):
     assert len(r.data.tags["git_commit"]) == 40
     names = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"samples.png", "train_loss.png", "bpd_per_t.png", "summary.md"} <= names
+    assert {p.name for p in paths.FIGURE_FILES} <= names
     versions = client.search_model_versions("name='ddpm-digits'")
     assert len(versions) == 1 and versions[0].run_id == r.info.run_id
 

@@ -95,3 +95,20 @@ def test_sample_batches_clips_and_validates():
     assert torch.equal(x, y)
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         sample(analytic, S, n=1, image_shape=(1, 2, 2), seed=0, sampler="plms")
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_on_step_sees_every_step_and_changes_nothing(sampler):
+    s, shape, seen = respace(S, 7), (2, 1, 4, 4), []
+
+    def draw(on_step=None):
+        if sampler == "ancestral":
+            return ancestral_sample(oracle(torch.full((1, 4, 4), 0.5), s), s, shape, gen(5), on_step=on_step)
+        return ddim_sample(oracle(torch.full((1, 4, 4), 0.5), s), s, shape, gen(5), eta=0.5, on_step=on_step)
+
+    with_callback = draw(lambda i, x_t, x0_hat: seen.append((i, x_t.clone(), x0_hat.clone())))
+    assert torch.equal(with_callback, draw())
+    assert [i for i, _, _ in seen] == list(range(6, -1, -1))
+    assert all(x_t.shape == shape and x0_hat.shape == shape for _, x_t, x0_hat in seen)
+    torch.testing.assert_close(seen[-1][2], torch.full(shape, 0.5))  # the oracle predicts the data point
+    assert torch.equal(seen[0][1], torch.randn(shape, generator=gen(5)))  # the first x_t is the x_T draw

@@ -114,3 +114,34 @@ def test_respacing_keeps_abar_at_kept_steps_and_both_ends():
         np.testing.assert_array_equal(r.timestep_map, kept)
     with pytest.raises(ScheduleError, match="between 2 and T=1000"):
         respace(s, 1001)
+
+
+
+def _exact_spacing(T: int, K: int) -> tuple[list[int], list[bool]]:
+    """The convention written out independently in exact arithmetic: multiples of the stride (T - 1) / (K - 1)
+    rounded half to even, and which of them are exact ties (there improved DDPM's float running sum decides)."""
+    from fractions import Fraction
+
+    exact = [Fraction(i * (T - 1), K - 1) for i in range(K)]
+    return [round(x) for x in exact], [x.denominator == 2 for x in exact]
+
+
+@pytest.mark.parametrize("T, K, ties", [(1000, 25, {4: 166, 20: 832}), (98, 3, {1: 48})])
+def test_respacing_rounds_ties_half_to_even_like_improved_ddpm(T, K, ties):
+    """Rounding half up would keep 167 and 833 (T = 1000, K = 25) and 49 (T = 98, K = 3)."""
+    kept = respaced_indices(T, K)
+    assert kept.tolist() == _exact_spacing(T, K)[0]
+    for i, index in ties.items():
+        assert kept[i] == index
+
+
+@pytest.mark.parametrize("T", [21, 50, 98, 100, 1000])
+def test_respacing_is_the_nearest_index_to_each_multiple_of_the_stride(T):
+    for K in range(2, T + 1):
+        kept = respaced_indices(T, K).tolist()
+        nearest, tie = _exact_spacing(T, K)
+        assert all(k == n or (is_tie and abs(k - n) == 1) for k, n, is_tie in zip(kept, nearest, tie)), K
+    # a tie whose stride 49/24 is no binary fraction: the running sum lands just above 24.5 (improved DDPM: 25)
+    assert respaced_indices(50, 25)[12] == 25
+    # the default sampler (T = 1000, 30 steps) keeps the same indices as the former half-up rounding
+    assert respaced_indices(1000, 30).tolist() == [math.floor(i * 999 / 29 + 0.5) for i in range(30)]
