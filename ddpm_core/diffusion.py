@@ -8,6 +8,11 @@
 The network predicts eps (Ho), x_0, or v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho); every
 prediction is turned into x0_hat and then into the posterior mean, so the three objectives share one path.
 
+sigma_t^2 is fixed (fixed_small = beta_tilde_t, fixed_large = beta_t) or learned (improved DDPM eq. 15,
+`learned_range`): the network then outputs 2C channels, [prediction | v], and
+    log sigma_t^2 = frac log beta_t + (1 - frac) log beta_tilde_t (clipped),  frac = (v + 1) / 2,
+so v = -1 gives beta_tilde_t and v = 1 gives beta_t. v is not clamped (improved-diffusion does not either).
+
 `t` is always a long tensor [N] of 0-based indices into the schedule (index 0 is t = 1). Coefficients are
 gathered in float64 and cast to the tensor's dtype at use.
 """
@@ -22,9 +27,9 @@ import torch
 from .schedules import NoiseSchedule
 
 Objective = Literal["eps", "x0", "v"]
-Variance = Literal["fixed_small", "fixed_large"]
+Variance = Literal["fixed_small", "fixed_large", "learned_range"]
 OBJECTIVES = ("eps", "x0", "v")
-VARIANCES = ("fixed_small", "fixed_large")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -100,13 +105,45 @@ def training_target(s: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: 
 
 # --- reverse process -------------------------------------------------------------------------------------
 def p_variance(s: NoiseSchedule, t: torch.Tensor, x: torch.Tensor, variance: Variance):
-    """sigma_t^2 and its log: fixed_small = beta_tilde_t (clipped log), fixed_large = beta_t (index 0 = beta_tilde_2)."""
+    """sigma_t^2 and its log: fixed_small = beta_tilde_t (clipped log), fixed_large = beta_t (index 0 = beta_tilde_2).
+
+    A learned variance depends on the network's output: see `learned_range_variance`.
+    """
     if variance == "fixed_small":
         return extract(s.posterior_variance, t, x), extract(s.posterior_log_variance_clipped, t, x)
     if variance == "fixed_large":
         large = s.fixed_large_variance
         return extract(large, t, x), extract(np.log(large), t, x)
+    if variance == "learned_range":
+        raise ValueError("variance 'learned_range' comes from the network's output: use p_mean_variance "
+                         "or learned_range_variance")
     raise ValueError(f"unknown variance '{variance}'; choose one of {', '.join(VARIANCES)}")
+
+
+def learned_range_variance(s: NoiseSchedule, t: torch.Tensor, v: torch.Tensor):
+    """sigma_t^2 and its log from the network's v (improved DDPM eq. 15), elementwise, shape of v.
+
+    log sigma_t^2 = frac log beta_t + (1 - frac) posterior_log_variance_clipped_t, frac = (v + 1) / 2.
+    """
+    frac = (v + 1.0) / 2.0
+    log_var = frac * extract(np.log(s.betas), t, v) + (1.0 - frac) * extract(s.posterior_log_variance_clipped, t, v)
+    return torch.exp(log_var), log_var
+
+
+def output_channels(image_channels: int, variance: Variance) -> int:
+    """The network's output width: the prediction, plus v per channel when the variance is learned."""
+    return 2 * image_channels if variance == "learned_range" else image_channels
+
+
+def split_output(out: torch.Tensor, image_channels: int, variance: Variance) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[N, C or 2C, H, W] -> (prediction [N, C, H, W], v [N, C, H, W] or None for a fixed variance)."""
+    expected = output_channels(image_channels, variance)
+    if out.shape[1] != expected:
+        raise ValueError(f"variance '{variance}' needs a network with {expected} output channels for "
+                         f"{image_channels}-channel images; got {out.shape[1]}")
+    if variance == "learned_range":
+        return out[:, :image_channels], out[:, image_channels:]
+    return out, None
 
 
 def model_t(s: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
@@ -117,12 +154,20 @@ def model_t(s: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
 def p_mean_variance(model: EpsModel, s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
                     variance: Variance = "fixed_small", objective: Objective = "eps",
                     clip_x0: bool = False) -> dict[str, torch.Tensor]:
-    """Mean and variance of p_theta(x_{t-1} | x_t), with the network's x_0 and eps predictions."""
-    out = model(x_t, model_t(s, t))
-    x0_hat = x0_from_prediction(s, x_t, t, out.to(x_t.dtype), objective)
+    """Mean and variance of p_theta(x_{t-1} | x_t), with the network's x_0 and eps predictions.
+
+    With variance 'learned_range' the model returns [N, 2C, H, W]; the first C channels are the prediction
+    (`objective`), the last C give the log-variance (returned per element, shape of x_t, with `v`).
+    """
+    out = model(x_t, model_t(s, t)).to(x_t.dtype)
+    pred, v = split_output(out, x_t.shape[1], variance)
+    x0_hat = x0_from_prediction(s, x_t, t, pred, objective)
     if clip_x0:
         x0_hat = x0_hat.clamp(-1.0, 1.0)
     mean, _, _ = q_posterior_mean_variance(s, x0_hat, x_t, t)
-    var, log_var = p_variance(s, t, x_t, variance)
-    return {"mean": mean, "variance": var, "log_variance": log_var, "pred_x0": x0_hat,
-            "pred_eps": eps_from_x0(s, x_t, t, x0_hat)}
+    var, log_var = p_variance(s, t, x_t, variance) if v is None else learned_range_variance(s, t, v)
+    result = {"mean": mean, "variance": var, "log_variance": log_var, "pred_x0": x0_hat,
+              "pred_eps": eps_from_x0(s, x_t, t, x0_hat)}
+    if v is not None:
+        result["v"] = v
+    return result

@@ -57,18 +57,20 @@ def ddim_coefficients(s: NoiseSchedule, eta: float) -> tuple[np.ndarray, np.ndar
 def ddim_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], generator: torch.Generator,
                 eta: float = 0.0, objective: Objective = "eps", clip_x0: bool = False,
                 device: torch.device | str = "cpu", progress: bool = False,
-                on_step: StepCallback | None = None) -> torch.Tensor:
+                variance: Variance = "fixed_small", on_step: StepCallback | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) on the steps of `s`:
 
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
     sigma  = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev).
+    DDIM uses only the mean part of the network: `variance` only says how wide its output is (a
+    'learned_range' network's v channels are ignored).
     """
     sigmas, eps_coefs = ddim_coefficients(s, eta)  # float64, cast at use like every schedule array
     sqrt_abar_prev = np.sqrt(s.alphas_cumprod_prev)
     x = torch.randn(shape, generator=generator, device=device)
     for i in _steps(s, progress, f"ddim(eta={eta})"):
         t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-        p = p_mean_variance(model, s, x, t, objective=objective, clip_x0=clip_x0)
+        p = p_mean_variance(model, s, x, t, variance=variance, objective=objective, clip_x0=clip_x0)
         if on_step is not None:
             on_step(i, x, p["pred_x0"])
         x = extract(sqrt_abar_prev, t, x) * p["pred_x0"] + extract(eps_coefs, t, x) * p["pred_eps"]
@@ -97,6 +99,6 @@ def sample(model: EpsModel, schedule: NoiseSchedule, n: int, image_shape: tuple[
         if sampler == "ancestral":
             x = ancestral_sample(model, s, shape, g, variance, objective, clip_x0, device, progress)
         else:
-            x = ddim_sample(model, s, shape, g, eta, objective, clip_x0, device, progress)
+            x = ddim_sample(model, s, shape, g, eta, objective, clip_x0, device, progress, variance)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)

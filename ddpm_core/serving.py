@@ -7,7 +7,9 @@ from torch import nn
 
 
 class FlatEpsModel(nn.Module):
-    """forward(z): z is float [N, 1 + C*H*W] = [t index, x_t flattened]; returns eps_hat flattened [N, C*H*W]."""
+    """forward(z): z is float [N, 1 + C*H*W] = [t index, x_t flattened]; returns eps_hat flattened [N, C*H*W]
+    (the prediction of the network's objective). A learned-variance network's v channels are dropped: only the
+    first C output channels are returned."""
 
     def __init__(self, net: nn.Module, image_shape: tuple[int, int, int]):
         super().__init__()
@@ -17,4 +19,4 @@ class FlatEpsModel(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         t = z[:, 0].round().long()
         x = z[:, 1:].reshape(-1, *self.image_shape)
-        return self.net(x, t).flatten(1)
+        return self.net(x, t)[:, : self.image_shape[0]].flatten(1)

@@ -1,13 +1,16 @@
-"""Training on L_simple with AdamW, warm-up, gradient clipping and an EMA of the weights; resumable.
+"""Training with AdamW, warm-up, gradient clipping and an EMA of the weights; resumable.
 
+The loss is L_simple, improved DDPM's hybrid or the bound itself, optionally Min-SNR weighted (objectives.py);
+t is drawn uniformly or by importance sampling (resample.py), with each loss weighted by 1 / (T p_t).
 Every random draw comes from saved generator states (the data order and the t / noise draws from two seeded
-generators, dropout from the global RNG), so a run killed at any moment and resumed from its last checkpoint
-ends, on CPU with the same thread count, with weights bit-identical to an uninterrupted run.
+generators, dropout from the global RNG) and the importance sampler's loss history is saved too, so a run
+killed at any moment and resumed from its last checkpoint ends, on CPU with the same thread count, with
+weights bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 import math
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -21,8 +24,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import to_model_range
-from .diffusion import Objective
-from .losses import l_simple
+from .diffusion import Objective, Variance
+from .objectives import Loss, LossWeighting, check_objective, training_losses
+from .resample import TSampler, make_t_sampler
 from .schedules import NoiseSchedule
 
 Precision = Literal["fp32", "bf16"]
@@ -44,17 +48,25 @@ class TrainConfig:
     ema_warmup: bool = True  # decay_n = min(ema_decay, (1 + n) / (10 + n)), so early EMA weights are not stale
     seed: int = 0
     objective: Objective = "eps"
+    variance: Variance = "fixed_small"  # 'learned_range' trains a 2C-channel network (needs loss hybrid or vlb)
+    loss: Loss = "simple"
+    t_sampler: TSampler = "uniform"
+    loss_weighting: LossWeighting = "none"
+    min_snr_gamma: float = 5.0  # used by loss_weighting 'min_snr'
     precision: Precision = "fp32"
     compile: bool = False
     checkpoint_every: int = 500
     log_every: int = 10
+
+    def __post_init__(self) -> None:
+        check_objective(self.loss, self.variance, self.loss_weighting)
 
 
 @dataclass
 class TrainResult:
     model: nn.Module
     ema_model: nn.Module
-    losses: np.ndarray  # L_simple of every step, [steps]
+    losses: np.ndarray  # the training loss (as weighted) of every step, [steps]
     step: int
     resumed_from: int  # 0 for a fresh run
 
@@ -100,6 +112,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda k: min(1.0, (k + 1) / warmup))
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.t_sampler = make_t_sampler(cfg.t_sampler, schedule.T)  # draws from noise_gen
         torch.manual_seed(cfg.seed + 2)  # dropout draws from the global RNG, saved in every checkpoint
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.step = 0
@@ -108,18 +121,28 @@ class Trainer:
             warnings.warn("bf16 autocast on CPU was measured about 9x slower than fp32 here", stacklevel=2)
 
     # --- one step ---------------------------------------------------------------------------------------
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x0, t, noise and the importance weights of t (None: all 1)."""
         idx = torch.randint(len(self.images), (self.cfg.batch_size,), generator=self.data_gen)
         x0 = to_model_range(self.images[idx]).to(self.device, non_blocking=True)
-        t = torch.randint(self.schedule.T, (len(idx),), generator=self.noise_gen, device=self.device)
+        t, weights = self.t_sampler.sample(len(idx), self.noise_gen, self.device)
         noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
-        return x0, t, noise
+        return x0, t, noise, weights
+
+    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """The batch's mean loss; the sampler learns from the per-example losses before importance weights."""
+        c = self.cfg
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
+            per_example = training_losses(self.forward, self.schedule, x0, t, noise, c.objective, c.variance,
+                                          c.loss, c.loss_weighting, c.min_snr_gamma)
+        self.t_sampler.update(t, per_example)
+        if weights is None:
+            return per_example.mean()
+        return (per_example * weights.to(per_example.dtype)).mean()
 
     def train_step(self) -> float:
         self.model.train()
-        x0, t, noise = self.batch()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            loss = l_simple(self.forward, self.schedule, x0, t, noise, self.cfg.objective).mean()
+        loss = self.loss(*self.batch())
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(f"loss is {value} at step {self.step + 1}")
@@ -144,6 +167,7 @@ class Trainer:
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
             "lr_scheduler": self.sched.state_dict(), "step": self.step, "rng": rng,
             "losses": torch.tensor(self.losses, dtype=torch.float64), "train_config": asdict(self.cfg),
+            "t_sampler": self.t_sampler.state_dict(),
             "schedule_betas": torch.from_numpy(np.array(self.schedule.betas)), "meta": self.meta,
         }
 
@@ -157,6 +181,7 @@ class Trainer:
         self.sched.load_state_dict(ckpt["lr_scheduler"])
         self.step = int(ckpt["step"])
         self.losses = ckpt["losses"].tolist()
+        self.t_sampler.load_state_dict(ckpt.get("t_sampler", {}))
         self.data_gen.set_state(ckpt["rng"]["data"])
         self.noise_gen.set_state(ckpt["rng"]["noise"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -168,7 +193,10 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A run may be resumed with more steps or other logging; anything else would mix two experiments."""
+    """A run may be resumed with more steps or other logging; anything else would mix two experiments.
+    A key the checkpoint lacks (written before the key existed) counts as its default."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    saved = {**defaults, **saved}
     diff = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
     if diff:
         pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in diff)

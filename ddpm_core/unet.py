@@ -224,7 +224,8 @@ class Level(nn.Module):
 
 class UNet(nn.Module):
     def __init__(self, image_channels: int, image_size: int, channels: int, channel_mults: Sequence[int],
-                 num_res_blocks: int, attention_resolutions: Sequence[int], dropout: float):
+                 num_res_blocks: int, attention_resolutions: Sequence[int], dropout: float,
+                 out_channels: int | None = None):
         super().__init__()
         t_dim = 4 * channels
         self.channels = channels
@@ -257,10 +258,10 @@ class UNet(nn.Module):
             self.up.append(Level(chans, t_dim, dropout, size in attention_resolutions))
             self.upsample.append(nn.Conv2d(w, w, 3, padding=1) if lvl > 0 else nn.Identity())
         self.norm_out = group_norm(c)
-        self.conv_out = nn.Conv2d(c, image_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(c, out_channels or image_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: [N, C, H, W] (x_t), t: long [N] of 0-based steps -> [N, C, H, W]."""
+        """x: [N, C, H, W] (x_t), t: long [N] of 0-based steps -> [N, out_channels (default C), H, W]."""
         emb = self.t_mlp(timestep_embedding(t, self.channels).to(x.dtype))
         h = conv_in_im2col(self.conv_in, x)
         skips = [h]
@@ -283,11 +284,15 @@ class UNet(nn.Module):
 MODEL_KEYS = ("channels", "channel_mults", "num_res_blocks", "attention_resolutions", "dropout")
 
 
-def build_unet(model: dict[str, Any], image_channels: int, image_size: int) -> UNet:
-    """The UNet for the `model` section of params.yaml (attention_resolutions are image sizes, e.g. [7])."""
+def build_unet(model: dict[str, Any], image_channels: int, image_size: int, out_channels: int | None = None) -> UNet:
+    """The UNet for the `model` section of params.yaml (attention_resolutions are image sizes, e.g. [7]).
+
+    out_channels defaults to image_channels; a learned variance needs twice that
+    (`ddpm_core.diffusion.output_channels(image_channels, variance)`).
+    """
     missing = [k for k in MODEL_KEYS if k not in model]
     if missing:
         raise KeyError(f"model config lacks {', '.join(missing)}")
     return UNet(image_channels, image_size, int(model["channels"]), list(model["channel_mults"]),
                 int(model["num_res_blocks"]), [int(r) for r in model["attention_resolutions"]],
-                float(model["dropout"]))
+                float(model["dropout"]), out_channels)

@@ -25,7 +25,7 @@ from ddpm_core.schedules import SCHEDULES, NoiseSchedule, ScheduleError, respace
 from ddpm_core.train import resolve_device
 
 from . import paths
-from .params import Params
+from .params import Params, sample_steps
 from .reports import _figure
 
 NOISING_IMAGE = 0                                      # index into the test split
@@ -161,7 +161,8 @@ def sampling_trajectory(net: EpsModel, s: NoiseSchedule, n: int, image_shape: tu
     if cfg["sampler"] == "ancestral":
         out = ancestral_sample(net, s, shape, g, variance, objective, cfg["clip_x0"], device, on_step=keep)
     else:
-        out = ddim_sample(net, s, shape, g, cfg["eta"], objective, cfg["clip_x0"], device, on_step=keep)
+        out = ddim_sample(net, s, shape, g, cfg["eta"], objective, cfg["clip_x0"], device, variance=variance,
+                          on_step=keep)
     return seen, out.clamp(-1, 1).cpu()
 
 
@@ -203,6 +204,7 @@ def figures(p: Params) -> None:
     net, meta, schedule = load_ema_model(device)
     image = load_prepared().test_images[NOISING_IMAGE]
     with torch.no_grad():
-        written = draw_all(net, schedule, meta["diffusion"]["schedule"], image, p.sample, p.diffusion["variance"],
+        cfg = {**p.sample, "steps": sample_steps(p.sample, schedule.T)}
+        written = draw_all(net, schedule, meta["diffusion"]["schedule"], image, cfg, p.diffusion["variance"],
                            p.diffusion["objective"], device, paths.FIGURES)
     print(f"figures: {', '.join(str(f) for f in written)}")

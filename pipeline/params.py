@@ -15,6 +15,8 @@ import yaml
 from ddpm_core.data import DATASETS
 from ddpm_core.diffusion import OBJECTIVES, VARIANCES
 from ddpm_core.elbo_mc import ESTIMATORS, BoundDesign
+from ddpm_core.objectives import LOSS_WEIGHTINGS, LOSSES
+from ddpm_core.resample import T_SAMPLERS
 from ddpm_core.sampling import SAMPLERS
 from ddpm_core.schedules import SCHEDULES, ScheduleError, make_betas
 
@@ -71,7 +73,8 @@ SCHEMA: dict[str, dict[str, Rule]] = {
               "grad_clip": non_negative(float), "weight_decay": non_negative(float), "ema_decay": unit(),
               "ema_warmup": BOOL, "seed": SEED, "device": choice(("auto", "cpu", "cuda")),
               "precision": choice(("fp32", "bf16")), "compile": BOOL, "checkpoint_every": positive(),
-              "threads": non_negative()},
+              "threads": non_negative(), "loss": choice(LOSSES), "t_sampler": choice(T_SAMPLERS),
+              "loss_weighting": choice(LOSS_WEIGHTINGS), "min_snr_gamma": positive(float)},
     "featurizer": {"epochs": positive(), "seed": SEED},
     "sample": {"n": positive(), "sampler": choice(SAMPLERS), "steps": STEPS, "clamp_steps": BOOL,
                "eta": non_negative(float), "clip_x0": BOOL, "seed": SEED, "batch_size": positive()},
@@ -149,9 +152,24 @@ def _check_combinations(p: dict[str, dict[str, Any]]) -> None:
     if p["evaluate"]["n_fid"] > p["sample"]["n"]:
         raise ParamsError(f"evaluate.n_fid = {p['evaluate']['n_fid']} is not allowed: must be <= sample.n = "
                           f"{p['sample']['n']} (the FID-proxy scores the samples of the sample stage)")
+    _check_objective(p)
     if p["train"]["precision"] == "bf16" and p["train"]["device"] == "cpu":
         raise ParamsError("train.precision = 'bf16' is not allowed with train.device = 'cpu': bf16 autocast "
                           "is for CUDA (measured ~9x slower on this CPU); use fp32")
+
+
+def _check_objective(p: dict[str, dict[str, Any]]) -> None:
+    """train.loss, diffusion.variance and train.loss_weighting: the combinations that train something."""
+    loss, variance, weighting = p["train"]["loss"], p["diffusion"]["variance"], p["train"]["loss_weighting"]
+    if loss in ("hybrid", "vlb") and variance != "learned_range":
+        raise ParamsError(f"train.loss = {loss!r} is not allowed with diffusion.variance = {variance!r}: "
+                          f"it trains the variance, set diffusion.variance = 'learned_range'")
+    if loss == "simple" and variance == "learned_range":
+        raise ParamsError("diffusion.variance = 'learned_range' is not allowed with train.loss = 'simple': "
+                          "L_simple gives the variance no gradient, use train.loss = 'hybrid' or 'vlb'")
+    if loss == "vlb" and weighting != "none":
+        raise ParamsError(f"train.loss_weighting = {weighting!r} is not allowed with train.loss = 'vlb': "
+                          f"the bound is never reweighted, use 'none'")
 
 
 @dataclass(frozen=True)
@@ -175,7 +193,7 @@ class Params:
 def validate(raw: Any) -> Params:
     _check_structure(raw)
     for section in ("train", "sample"):  # integers given as floats (1e3) are a type error above; floats
-        for key in ("lr", "grad_clip", "weight_decay", "ema_decay", "eta"):  # may be written as ints
+        for key in ("lr", "grad_clip", "weight_decay", "ema_decay", "eta", "min_snr_gamma"):  # may be ints
             if key in raw[section]:
                 raw[section][key] = float(raw[section][key])
     raw["model"]["dropout"] = float(raw["model"]["dropout"])

@@ -14,6 +14,7 @@ import torch
 
 from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.data import DataError, ImageData, from_model_range, load_dataset, to_model_range
+from ddpm_core.diffusion import output_channels
 from ddpm_core.elbo_mc import BoundEstimate, estimate_bound
 from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_features, fid_proxy_report,
                            load_or_train_featurizer)
@@ -89,6 +90,8 @@ def train_config(p: Params) -> TrainConfig:
     return TrainConfig(steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
                        warmup_steps=t["warmup_steps"], grad_clip=t["grad_clip"], ema_decay=t["ema_decay"],
                        ema_warmup=t["ema_warmup"], seed=t["seed"], objective=p.diffusion["objective"],
+                       variance=p.diffusion["variance"], loss=t["loss"], t_sampler=t["t_sampler"],
+                       loss_weighting=t["loss_weighting"], min_snr_gamma=t["min_snr_gamma"],
                        precision=t["precision"], compile=t["compile"], checkpoint_every=t["checkpoint_every"])
 
 
@@ -103,7 +106,8 @@ def train(p: Params) -> None:
     # Scratch checkpoint of this exact configuration: a killed run resumes from it, a finished one removes it.
     state = paths.TRAIN_STATE / f"{meta['fingerprint'][:16]}.pt"
     torch.manual_seed(p.train["seed"])
-    net = build_unet(p.model, data.image_shape[0], data.image_shape[1])
+    c = data.image_shape[0]
+    net = build_unet(p.model, c, data.image_shape[1], output_channels(c, p.diffusion["variance"]))
     schedule = NoiseSchedule.named(p.diffusion["schedule"], p.diffusion["T"])
     result = run_training(net, schedule, torch.from_numpy(data.train_images), train_config(p), state, device, meta)
     if result.resumed_from:
@@ -120,7 +124,8 @@ def load_ema_model(device: torch.device) -> tuple[torch.nn.Module, dict[str, Any
     ckpt = load_checkpoint(paths.MODEL, map_location=device)
     meta = ckpt["meta"]
     shape = meta["image_shape"]
-    net = build_unet(meta["model"], shape[0], shape[1]).to(device)
+    width = output_channels(shape[0], meta["diffusion"]["variance"])  # 2C for a learned variance
+    net = build_unet(meta["model"], shape[0], shape[1], width).to(device)
     net.load_state_dict({k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")})
     net.eval()
     schedule = NoiseSchedule.from_betas(ckpt["schedule_betas"].numpy())

@@ -9,9 +9,10 @@ from ddpm_core.unet import build_unet
 TINY_MODEL = dict(channels=16, channel_mults=[1, 2], num_res_blocks=1, attention_resolutions=[4], dropout=0.1)
 
 
-def tiny_unet(seed: int = 0) -> torch.nn.Module:
+def tiny_unet(seed: int = 0, out_channels: int | None = None) -> torch.nn.Module:
+    """out_channels=2: the width of a learned-variance network on these 1-channel images."""
     torch.manual_seed(seed)
-    return build_unet(TINY_MODEL, image_channels=1, image_size=8)
+    return build_unet(TINY_MODEL, image_channels=1, image_size=8, out_channels=out_channels)
 
 
 def digits_images() -> torch.Tensor:

@@ -50,6 +50,38 @@ def test_bad_values_name_key_value_and_allowed(section, key, value, message):
         validate(with_(section, key, value))
 
 
+@pytest.mark.parametrize("changes,message", [
+    ({"train": {"loss": "hybrid"}},
+     r"^train.loss = 'hybrid' is not allowed with diffusion.variance = 'fixed_small': .*'learned_range'$"),
+    ({"train": {"loss": "vlb"}, "diffusion": {"variance": "fixed_large"}},
+     r"^train.loss = 'vlb' is not allowed with diffusion.variance = 'fixed_large'"),
+    ({"diffusion": {"variance": "learned_range"}},
+     r"^diffusion.variance = 'learned_range' is not allowed with train.loss = 'simple'"),
+    ({"diffusion": {"variance": "learned_range"}, "train": {"loss": "vlb", "loss_weighting": "min_snr"}},
+     r"^train.loss_weighting = 'min_snr' is not allowed with train.loss = 'vlb'"),
+    ({"train": {"t_sampler": "importance"}}, r"train.t_sampler = 'importance' is not allowed: must be one of uniform"),
+    ({"train": {"min_snr_gamma": 0}}, r"train.min_snr_gamma = 0 is not allowed: must be a number > 0"),
+])
+def test_objective_combinations_are_refused_in_one_line(changes, message):
+    raw = copy.deepcopy(DEFAULTS)
+    for section, values in changes.items():
+        raw[section].update(values)
+    with pytest.raises(ParamsError, match=message) as e:
+        validate(raw)
+    assert "\n" not in str(e.value)
+
+
+def test_the_papers_combinations_are_accepted():
+    for changes in ({"diffusion": {"variance": "learned_range"}, "train": {"loss": "hybrid"}},
+                    {"diffusion": {"variance": "learned_range"}, "train": {"loss": "vlb", "t_sampler": "loss_second_moment"}},
+                    {"train": {"loss_weighting": "min_snr", "min_snr_gamma": 5}}):
+        raw = copy.deepcopy(DEFAULTS)
+        for section, values in changes.items():
+            raw[section].update(values)
+        p = validate(raw)
+        assert isinstance(p.train["min_snr_gamma"], float)
+
+
 def test_unknown_and_missing_keys():
     raw = with_("train", "lrr", 0.1)
     with pytest.raises(ParamsError, match=r"unknown key train.lrr = 0.1: allowed keys in train are steps, "):

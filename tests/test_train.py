@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ddpm_core.checkpoint import load_checkpoint
+from ddpm_core.schedules import NoiseSchedule
 from ddpm_core.train import NonFiniteLossError, TrainConfig, ema_avg_fn, train
 from tests.helpers import digits_images, tiny_schedule, tiny_unet
 
@@ -38,8 +39,18 @@ def _params(m):
     return torch.cat([p.detach().flatten() for p in m.state_dict().values() if p.is_floating_point()])
 
 
-def test_resumed_run_is_bit_identical(tmp_path):
-    full = train(tiny_unet(), tiny_schedule(), digits_images(), cfg(), tmp_path / "a.pt", progress=False)
+# improved DDPM's setting: learned variance, hybrid loss, importance-sampled t. At T = 30 the sampler is warm
+# (10 losses for every t) after about 15 steps, so the kill at step 25 lands in the importance-sampled phase.
+LEARNED = dict(variance="learned_range", loss="hybrid", t_sampler="loss_second_moment")
+SETTINGS = {"default": ({}, tiny_schedule, None), "learned_hybrid_is": (LEARNED, lambda: NoiseSchedule.named("linear", 30), 2)}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_resumed_run_is_bit_identical(tmp_path, setting):
+    extra, schedule, width = SETTINGS[setting]
+    cfg_ = lambda: cfg(**extra)  # noqa: E731
+    tiny = lambda seed=0: tiny_unet(seed, out_channels=width)  # noqa: E731
+    full = train(tiny(), schedule(), digits_images(), cfg_(), tmp_path / "a.pt", progress=False)
 
     class Kill(Exception):
         pass
@@ -49,10 +60,12 @@ def test_resumed_run_is_bit_identical(tmp_path):
             raise Kill  # after the step-20 checkpoint: steps 21..25 are lost and redone
 
     with pytest.raises(Kill):
-        train(tiny_unet(), tiny_schedule(), digits_images(), cfg(), tmp_path / "b.pt", on_log=kill_at_25,
-              progress=False)
-    assert load_checkpoint(tmp_path / "b.pt")["step"] == 20
-    resumed = train(tiny_unet(seed=99), tiny_schedule(), digits_images(), cfg(), tmp_path / "b.pt", progress=False)
+        train(tiny(), schedule(), digits_images(), cfg_(), tmp_path / "b.pt", on_log=kill_at_25, progress=False)
+    saved = load_checkpoint(tmp_path / "b.pt")
+    assert saved["step"] == 20
+    if extra:
+        assert torch.all(saved["t_sampler"]["counts"] == 10)  # resumed in the importance-sampled phase
+    resumed = train(tiny(seed=99), schedule(), digits_images(), cfg_(), tmp_path / "b.pt", progress=False)
     assert resumed.resumed_from == 20
     assert torch.equal(_params(full.model), _params(resumed.model))
     assert torch.equal(_params(full.ema_model), _params(resumed.ema_model))
@@ -100,18 +113,23 @@ def test_ema_warmup_and_decay():
 SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r})
+from ddpm_core.schedules import NoiseSchedule
 from ddpm_core.train import TrainConfig, train
-from tests.helpers import digits_images, tiny_schedule, tiny_unet
+from tests.helpers import digits_images, tiny_unet
 torch.set_num_threads(2)
-cfg = TrainConfig(steps=60, batch_size=32, lr=2e-3, warmup_steps=5, checkpoint_every=3, log_every=1, seed=3)
-train(tiny_unet(), tiny_schedule(), digits_images(), cfg, sys.argv[1], progress=False)
+extra = {extra!r}
+cfg = TrainConfig(steps=60, batch_size=32, lr=2e-3, warmup_steps=5, checkpoint_every=3, log_every=1, seed=3,
+                  **extra)
+net = tiny_unet(out_channels=2 if extra else None)
+train(net, NoiseSchedule.named("linear", {T}), digits_images(), cfg, sys.argv[1], progress=False)
 """
 
 
 @pytest.mark.slow
-def test_sigkill_at_any_moment_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("extra,T", [({}, 100), (LEARNED, 30)], ids=["default", "learned_hybrid_is"])
+def test_sigkill_at_any_moment_resumes_bit_identically(tmp_path, extra, T):
     script = tmp_path / "run.py"
-    script.write_text(SCRIPT.format(root=str(ROOT)))
+    script.write_text(SCRIPT.format(root=str(ROOT), extra=extra, T=T))
     subprocess.run([sys.executable, str(script), str(tmp_path / "full.pt")], check=True)
     path = tmp_path / "killed.pt"
     for delay in (4.0, 4.7, 5.3):  # the interpreter and data load take ~3 s; kills land mid-training
@@ -128,3 +146,16 @@ def test_sigkill_at_any_moment_resumes_bit_identically(tmp_path):
     for key in ("model", "ema"):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for k in a["t_sampler"]:
+        assert torch.equal(a["t_sampler"][k], b["t_sampler"][k]), k
+
+
+def test_a_checkpoint_from_before_the_objective_keys_resumes_as_their_defaults():
+    from dataclasses import asdict
+    from ddpm_core.train import check_compatible
+
+    old = {k: v for k, v in asdict(cfg()).items()
+           if k not in ("variance", "loss", "t_sampler", "loss_weighting", "min_snr_gamma")}
+    check_compatible(old, asdict(cfg()))
+    with pytest.raises(ValueError, match="t_sampler: 'uniform' -> 'loss_second_moment'"):
+        check_compatible(old, asdict(cfg(t_sampler="loss_second_moment")))
