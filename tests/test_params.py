@@ -40,8 +40,8 @@ def test_the_shipped_params_are_valid():
     ("sample", "steps", "most", r"sample.steps = 'most' is not allowed: must be an integer >= 2, or 'all'"),
     ("evaluate", "bpd_estimator", "exact", r"evaluate.bpd_estimator = 'exact' is not allowed: must be one of "
                                            r"importance, all_t"),
-    ("evaluate", "bpd_passes", 20, r"evaluate.bpd_passes = 20 is not allowed: the importance estimator at "
-                                   r"diffusion.T = 1000 needs 16 passes per image .* at least 32"),
+    ("evaluate", "bpd_passes", 10, r"evaluate.bpd_passes = 10 is not allowed: the importance estimator at "
+                                   r"diffusion.T = 1000 needs 8 passes per image .* at least 16"),
     ("evaluate", "bpd_draws", 0, r"evaluate.bpd_draws = 0 is not allowed: must be an integer >= 1"),
     ("evaluate", "fid_bootstrap", 3, r"evaluate.fid_bootstrap = 3 is not allowed: must be an integer >= 10"),
 ])
@@ -119,7 +119,8 @@ def test_bound_budget_falls_back_to_all_t_for_small_T():
         validate(raw | {"evaluate": {**raw["evaluate"], "bpd_passes": 1999}})
     assert bound_design(validate(raw).evaluate, 1000).passes_per_image() == 1000
     small = validate(DEFAULTS).evaluate
-    assert bound_design(small, 12).draws == 0 and bound_design(small, 12).exact_t == 12
+    assert bound_design(small, 8).draws == 0 and bound_design(small, 8).exact_t == 8
+    assert bound_design(small, 9).draws == 4
     assert bound_design(small, 1000).passes_per_image() == small["bpd_exact_t"] + small["bpd_draws"]
 
 
