@@ -4,14 +4,15 @@ Three models train with the library on Fashion-MNIST at params.yaml's budget (sa
     default   loss simple, variance fixed_small (today's defaults)
     hybrid    variance learned_range, loss hybrid (improved DDPM's L_hybrid, uniform t)
     min_snr   loss simple, fixed_small, loss_weighting min_snr (gamma from params.yaml)
-Each EMA model is scored on the same test images with the same noise draws (common random numbers): the
-negative ELBO over all T terms per image (mean, standard error, and the paired difference against `default`
-with a 95% t-interval over images; these intervals cover the estimator's noise, images and draws, not
-training's: one seed each), the decoder term, and the FID-proxy of DDIM samples (and of ancestral samples on
-respaced steps, where the learned variance is used).
+Each EMA model is scored as `evaluate` scores it, on the same test images with the same noise and t draws
+(common random numbers): the negative ELBO by the importance estimator at evaluate.bpd_passes (mean, 95%
+interval, and the paired difference against `default` with a 95% t-interval over images), the decoder term,
+and the FID-proxy of DDIM samples (and of ancestral samples on respaced steps, where the learned variance is
+used) with bootstrap intervals and the paired bootstrap difference against `default` on the same reference.
+These intervals cover the estimator's noise (images, draws, samples), not training's: one seed per model.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_objectives.py            # full run
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_objectives.py --steps 20 --n-bpd 2 --n-fid 20 --quick
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_objectives.py --steps 20 --bpd-passes 400 --n-fid 40 --quick
 writes reports/benchmarks/objectives.json, objectives.md and one sample grid per model. Trained models are
 kept under build/bench_objectives/ and reused when their checkpoint is complete.
 """
@@ -28,7 +29,6 @@ import sys
 import time
 
 import numpy as np
-from scipy import stats
 import torch
 import yaml
 
@@ -37,13 +37,15 @@ sys.path.insert(0, str(ROOT))
 
 from ddpm_core.data import from_model_range, load_dataset, to_model_range  # noqa: E402
 from ddpm_core.diffusion import output_channels  # noqa: E402
-from ddpm_core.elbo import nll_bpd  # noqa: E402
-from ddpm_core.fid import FeaturizerConfig, classifier_featurize, fid_proxy_report, load_or_train_featurizer  # noqa: E402
+from ddpm_core.elbo_mc import estimate_bound  # noqa: E402
+from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_bootstrap, fid_features,  # noqa: E402
+                           fid_proxy_report, load_or_train_featurizer)
+from ddpm_core.stats import paired_difference  # noqa: E402
 from ddpm_core.sampling import sample as draw_samples  # noqa: E402
 from ddpm_core.schedules import NoiseSchedule  # noqa: E402
 from ddpm_core.train import train  # noqa: E402
 from ddpm_core.unet import build_unet  # noqa: E402
-from pipeline.params import Params, validate  # noqa: E402
+from pipeline.params import Params, bound_design, validate  # noqa: E402
 from pipeline.reports import save_grid  # noqa: E402
 from pipeline.stages import train_config  # noqa: E402
 
@@ -77,16 +79,19 @@ def train_model(name: str, p: Params, images: torch.Tensor) -> tuple[torch.nn.Mo
     return res.ema_model.eval(), schedule, info
 
 
-def score_bpd(model, schedule, p: Params, x0: torch.Tensor) -> dict:
-    gen = torch.Generator().manual_seed(0)  # the same noise draws for every model
+def score_bpd(model, schedule, p: Params, data) -> dict:
+    """The negative ELBO as `evaluate` computes it: the same images, noise and t draws for every model."""
+    design = bound_design(p.evaluate, schedule.T)
+    n = min(len(data.test_images), ARGS.bpd_passes // design.passes_per_image())
+    pick = np.random.default_rng(p.evaluate["seed"]).permutation(len(data.test_images))[:n]
     start = time.perf_counter()
-    with torch.no_grad():
-        out = nll_bpd(model, schedule, x0, p.diffusion["variance"], p.diffusion["objective"], 250, gen)
-    per_image = out["per_image_bpd"]
-    return {"bpd": float(per_image.mean()), "bpd_se": float(per_image.std(ddof=1) / np.sqrt(len(per_image))),
-            "decoder_bpd": out["decoder_bpd"], "terms_t_le_10_bpd": float(out["terms_bpd"][:10].sum()),
-            "prior_bpd": out["prior_bpd"], "per_image_bpd": per_image.tolist(),
-            "bpd_seconds": time.perf_counter() - start}
+    est = estimate_bound(model, schedule, to_model_range(data.test_images[pick]), pick, design,
+                         p.diffusion["variance"], p.diffusion["objective"], 250, p.evaluate["seed"])
+    t = est.total
+    return {"bpd": t.mean, "bpd_se": t.stderr, "bpd_ci_low": t.ci_low, "bpd_ci_high": t.ci_high, "n_bpd": n,
+            "bpd_network_passes": est.network_passes, "decoder_bpd": est.decoder_bpd,
+            "terms_t_le_10_bpd": float(est.terms_bpd[:10].sum()), "prior_bpd": est.prior_bpd,
+            "per_image_bpd": est.per_image.tolist(), "bpd_seconds": time.perf_counter() - start}
 
 
 def score_samples(model, schedule, p: Params, sampler: str, steps: int, featurize, data, tag: str) -> dict:
@@ -97,24 +102,28 @@ def score_samples(model, schedule, p: Params, sampler: str, steps: int, featuriz
     seconds = time.perf_counter() - start
     images = from_model_range(x)
     save_grid(images[:64].numpy(), ARGS.out / f"objectives_{tag}.png")
-    fid = fid_proxy_report(featurize, images, data, ARGS.n_fid, seed=0)
-    return {**{k: float(v) for k, v in fid.items()}, "sample_seconds": seconds}
+    features = fid_features(featurize, images, data, ARGS.n_fid, seed=0)
+    fid = fid_proxy_report(None, None, None, ARGS.n_fid, 0, 200, features)
+    return {**{k: float(v) for k, v in fid.items()}, "sample_seconds": seconds, "features": features}
 
 
 def paired(a: list[float], b: list[float]) -> dict:
     """b - a per image: mean and 95% t-interval over images."""
-    d = np.asarray(b) - np.asarray(a)
-    se = d.std(ddof=1) / np.sqrt(len(d))
-    half = stats.t.ppf(0.975, len(d) - 1) * se
-    return {"diff": float(d.mean()), "diff_se": float(se), "ci_low": float(d.mean() - half),
-            "ci_high": float(d.mean() + half), "n": len(d)}
+    d = paired_difference(np.asarray(b), np.asarray(a))
+    return {"diff": d.mean, "diff_se": d.stderr, "ci_low": d.ci_low, "ci_high": d.ci_high, "n": d.n}
 
 
-def evaluate_one(name: str, p: Params, data, featurize, x0: torch.Tensor) -> dict:
+def fid_paired(default: dict, other: dict) -> dict:
+    """FID(other) - FID(default) on the shared reference, bootstrap 95% interval."""
+    d = fid_bootstrap(other["features"].gen, other["features"].test, 200, 0, minus=default["features"].gen)
+    return {"diff": d.mean, "ci_low": d.ci_low, "ci_high": d.ci_high}
+
+
+def evaluate_one(name: str, p: Params, data, featurize) -> dict:
     print(f"{name}: training {p.train['steps']} steps", flush=True)
     model, schedule, result = train_model(name, p, torch.from_numpy(data.train_images))
     print(f"{name}: {result}", flush=True)
-    result.update(score_bpd(model, schedule, p, x0))
+    result.update(score_bpd(model, schedule, p, data))
     print(f"{name}: bpd {result['bpd']:.3f} +/- {result['bpd_se']:.3f}", flush=True)
     result["ddim"] = score_samples(model, schedule, p, "ddim", ARGS.ddim_steps, featurize, data, name)
     if name in ("default", "hybrid"):
@@ -130,29 +139,35 @@ def fid_cell(r: dict | None) -> str:
     if r is None:
         return "-"
     ci = f" ({r['fid_proxy_ci_low']:.2f} to {r['fid_proxy_ci_high']:.2f})" if "fid_proxy_ci_low" in r else ""
-    return f"{r['fid_proxy']:.2f}{ci}"
+    d = r.get("vs_default")
+    diff = f"; vs default {d['diff']:+.2f} ({d['ci_low']:+.2f} to {d['ci_high']:+.2f})" if d else ""
+    return f"{r['fid_proxy']:.2f}{ci}{diff}"
 
 
 def markdown(summary: dict) -> str:
     res = summary["results"]
-    lines = ["| model | bpd (mean +/- se) | paired diff vs default (95% CI) | decoder bpd | terms t<=10 | "
+    lines = ["| model | bpd (95% CI) | paired diff vs default (95% CI) | decoder bpd | terms t<=10 | "
              f"FID-proxy DDIM-{ARGS.ddim_steps} | FID-proxy ancestral-{ARGS.ancestral_steps} | "
              "final train loss | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in res.items():
         d = r.get("vs_default")
         diff = f"{d['diff']:+.3f} ({d['ci_low']:+.3f} to {d['ci_high']:+.3f})" if d else "-"
         secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "reused"
-        lines.append(f"| {name} | {r['bpd']:.3f} +/- {r['bpd_se']:.3f} | {diff} | {r['decoder_bpd']:.3f} | "
+        lines.append(f"| {name} | {r['bpd']:.3f} ({r['bpd_ci_low']:.3f} to {r['bpd_ci_high']:.3f}) | {diff} | {r['decoder_bpd']:.3f} | "
                      f"{r['terms_t_le_10_bpd']:.3f} | {fid_cell(r['ddim'])} | {fid_cell(r.get('ancestral'))} | "
                      f"{r['final_train_loss']:.4f} | {secs} |")
     floor = res["default"]["ddim"]["fid_proxy_floor"]
     grids = " ".join(f"![{k}](objectives_{k}.png)" for k in res)
     return (f"# Training objectives at the default budget ({summary['steps']} steps, seed 0)\n\n"
             f"Command: `{summary['command']}`  \nMachine: {summary['machine']}\n\n"
-            f"bits/dim: negative ELBO over all T = 1000 terms on the same {summary['n_bpd']} test images with the "
-            f"same noise draws; intervals are over images (the estimator's noise), one training seed per model. "
+            f"bits/dim: negative ELBO by `evaluate`'s importance estimator ({summary['bpd_passes']} network passes, "
+            f"{summary['n_bpd']} test images, the same images, noise and t draws for every model); intervals are over "
+            f"images and draws (the estimator's noise), one training seed per model. FID differences: bootstrap over "
+            f"samples and the shared reference. "
             f"FID-proxy: {summary['n_fid']} samples against {summary['n_fid']} test images (real-vs-real floor "
-            f"{floor:.2f}); featurizer test accuracy {summary['classifier_accuracy']:.3f}.\n\n"
+            f"{floor:.2f}); featurizer test accuracy {summary['classifier_accuracy']:.3f}. `train s` is the wall time "
+            f"of each run's training on a shared CPU (a run resumed from a checkpoint counts only its own steps): "
+            f"not a speed comparison.\n\n"
             + "\n".join(lines) + f"\n\nDDIM grids: {grids}\n\nAncestral grids: "
             f"![default](objectives_default_ancestral.png) ![hybrid](objectives_hybrid_ancestral.png)\n")
 
@@ -169,14 +184,19 @@ def main() -> None:
     data = load_dataset("fashion_mnist", None, False)
     feat, info = load_or_train_featurizer(ARGS.work / "featurizer.pt", data, FeaturizerConfig(epochs=1, seed=0))
     featurize = classifier_featurize(feat)
-    pick = np.random.default_rng(0).permutation(len(data.test_images))[: ARGS.n_bpd]
-    x0 = to_model_range(data.test_images[pick])
-    results = {name: evaluate_one(name, params_for(name), data, featurize, x0) for name in CONFIGS}
+    results = {name: evaluate_one(name, params_for(name), data, featurize) for name in CONFIGS}
     for name in ("hybrid", "min_snr"):
         results[name]["vs_default"] = paired(results["default"]["per_image_bpd"], results[name]["per_image_bpd"])
+        for kind in ("ddim", "ancestral"):
+            if kind in results[name]:
+                results[name][kind]["vs_default"] = fid_paired(results["default"][kind], results[name][kind])
+    for r in results.values():
+        for kind in ("ddim", "ancestral"):
+            r.get(kind, {}).pop("features", None)
     summary = {"command": "PYTHONPATH=. .venv/bin/python benchmarks/bench_objectives.py " + " ".join(sys.argv[1:]),
-               "machine": machine(), "steps": results["default"]["train_steps"], "n_bpd": ARGS.n_bpd,
-               "n_fid": ARGS.n_fid, "test_indices": pick.tolist(), "classifier_accuracy": info["accuracy"],
+               "machine": machine(), "steps": results["default"]["train_steps"],
+               "n_bpd": results["default"]["n_bpd"], "bpd_passes": results["default"]["bpd_network_passes"],
+               "n_fid": ARGS.n_fid, "classifier_accuracy": info["accuracy"],
                "results": results}
     stem = "objectives_quick" if ARGS.quick else "objectives"
     (ARGS.out / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -187,7 +207,7 @@ def main() -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=0, help="training steps (0: params.yaml's train.steps)")
-    ap.add_argument("--n-bpd", type=int, default=32, help="test images for the negative ELBO")
+    ap.add_argument("--bpd-passes", type=int, default=8000, help="network passes for the negative ELBO")
     ap.add_argument("--n-fid", type=int, default=500, help="samples (and test images) for the FID-proxy")
     ap.add_argument("--ddim-steps", type=int, default=30)
     ap.add_argument("--ancestral-steps", type=int, default=50)
