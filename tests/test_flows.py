@@ -1,6 +1,7 @@
 """Sweep flows: grid and params handling, the summary, and whole sweeps under Prefect's test harness."""
 
 import csv
+import json
 import re
 from pathlib import Path
 import socket
@@ -372,6 +373,8 @@ def test_serve_puts_the_sweep_in_the_ui_with_editable_parameters_and_a_schedule(
         proc.terminate()
         proc.wait(60)
     props = deployment.parameter_openapi_schema["properties"]
-    assert {"name", "schedules", "T", "overrides", "concurrency", "deployment"} <= set(props)
+    assert {"name", "schedules", "T", "overrides", "concurrency", "deployment", "grid", "seeds", "reference"} <= set(props)
+    grid = json.dumps(props["grid"])  # typed: a mapping of keys to lists of params values, not a free JSON box
+    assert '"type": "array"' in grid and '"integer"' in grid and '"string"' in grid
     assert deployment.parameters["schedules"] == ["linear", "cosine"] and deployment.parameters["T"] == [100, 1000]
     assert [s.schedule.interval.total_seconds() for s in schedules] == [3600]
