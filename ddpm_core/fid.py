@@ -13,7 +13,7 @@ True FID is available through `inception_featurizer` when a user has Inception-v
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -201,7 +201,7 @@ def fid_bootstrap(a: np.ndarray, b: np.ndarray, reps: int, seed: int,
                   minus: np.ndarray | None = None) -> Estimate:
     """FID(a, b) (or, with `minus`, FID(a, b) - FID(minus, b): a paired difference on the same reference b)
     with a 95% interval from the bootstrap sd: each replicate resamples every feature set with replacement,
-    the shared reference once for both sides."""
+    the shared reference once for both sides. A distance's interval is cut at 0 (small n can reach below)."""
     def stat(fa: np.ndarray, fb: np.ndarray, fm: np.ndarray | None) -> float:
         return fid_from_features(fa, fb) - (fid_from_features(fm, fb) if fm is not None else 0.0)
 
@@ -210,7 +210,8 @@ def fid_bootstrap(a: np.ndarray, b: np.ndarray, reps: int, seed: int,
             return f[rng.integers(0, len(f), len(f))]
         return stat(pick(a), pick(b), pick(minus) if minus is not None else None)
 
-    return bootstrap(replicate, stat(a, b, minus), reps, seed, len(a))
+    est = bootstrap(replicate, stat(a, b, minus), reps, seed, len(a))
+    return est if minus is not None else replace(est, ci_low=max(0.0, est.ci_low))  # a distance is >= 0
 
 
 def fid_proxy_report(featurize: Featurize | None, samples: torch.Tensor | None, data: ImageData | None, n: int,

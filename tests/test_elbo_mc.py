@@ -18,10 +18,10 @@ def grid_images(n: int, shape=(1, 4, 4), seed: int = 0) -> torch.Tensor:
 
 
 def test_systematic_draws_follow_the_proposal():
-    p = log_uniform(3, 50)
+    p = log_uniform(3, 49, 50)
     rng = np.random.default_rng(0)
     counts = np.bincount(np.concatenate([systematic_draws(p, 7, rng.random()) for _ in range(20000)]), minlength=50)
-    assert counts[:3].sum() == 0
+    assert counts[:3].sum() == 0 and counts[49] == 0
     np.testing.assert_allclose(counts / counts.sum(), p, atol=3e-3)
 
 
@@ -32,13 +32,14 @@ def test_geometric_edges_cover_every_index_once():
 
 
 def test_shaped_proposal_keeps_a_defensive_floor_and_falls_back():
-    edges = geometric_edges(2, 100, 8)
-    flat = shaped_proposal(np.zeros(len(edges) - 1), edges, 2, 100)
-    np.testing.assert_allclose(flat, log_uniform(2, 100))
+    edges = geometric_edges(2, 99, 8)
+    flat = shaped_proposal(np.zeros(len(edges) - 1), edges, 100)
+    np.testing.assert_allclose(flat, log_uniform(2, 99, 100))
     sq = np.zeros(len(edges) - 1)
     sq[0] = 5.0
-    p = shaped_proposal(sq, edges, 2, 100)
-    assert p.sum() == pytest.approx(1) and np.all(p[2:] >= 0.1 * log_uniform(2, 100)[2:] - 1e-15)
+    p = shaped_proposal(sq, edges, 100)
+    base = log_uniform(2, 99, 100)
+    assert p.sum() == pytest.approx(1) and np.all(p[2:99] >= 0.1 * base[2:99] - 1e-15) and p[99] == 0
 
 
 @pytest.mark.parametrize("design", [BoundDesign(exact_t=3, draws=5), BoundDesign(exact_t=1, draws=9, bins=6)])
@@ -55,6 +56,7 @@ def test_one_point_oracle_mean_agrees_with_the_closed_form(design):
     assert abs(est.total.mean - truth) < 0.05 * truth
     assert est.decoder_bpd == pytest.approx(decoder, rel=1e-6)
     np.testing.assert_allclose(est.terms_bpd[1:design.exact_t], kl[:design.exact_t - 1], rtol=1e-6)
+    assert est.terms_bpd[-1] == pytest.approx(kl[-1], rel=1e-6)  # t = T is exact too
     assert est.network_passes == 40 * design.passes_per_image()
 
 
@@ -68,7 +70,7 @@ def test_parts_add_up_and_all_t_mode_matches_nll_bpd():
     ref = nll_bpd(model, s, x0)  # this model's terms do not depend on the noise: both are exact
     assert full.total.mean == pytest.approx(ref["total_bpd"], rel=1e-9)
     np.testing.assert_allclose(full.per_image, ref["per_image_bpd"], rtol=1e-9)
-    assert full.network_passes == 180 and mc.network_passes == 60
+    assert full.network_passes == 180 and mc.network_passes == 66  # 4 smallest t, t = T, 6 drawn
 
 
 @pytest.mark.slow
@@ -105,6 +107,25 @@ def test_common_random_numbers_pair_two_models():
     np.testing.assert_allclose(a.per_image, b.per_image, rtol=1e-9)
     c = estimate_bound(model, s, x0, np.arange(8), d, seed=5)
     assert not np.allclose(a.per_image, c.per_image)
+
+
+def test_a_bound_held_by_the_last_term_is_estimated_tightly():
+    """A model whose only error is at t = T (where cosine's clipped beta_T makes lambda_T huge): the exact
+    last index gives the all-T value with no sampling noise at all."""
+    s = NoiseSchedule.named("cosine", 50)
+    c = grid_images(1, seed=3)
+    x0 = c.expand(20, -1, -1, -1).clone()
+    good = one_point(c, s)  # Bayes-optimal for the one-point data set: every KL term 0 but the last
+
+    def model(x, t):
+        return good(x, t) + (t == s.T - 1).view(-1, 1, 1, 1) * 0.5
+
+    ids = np.arange(20)
+    full = estimate_bound(model, s, x0, ids, BoundDesign(50, 0), seed=0)
+    mc = estimate_bound(model, s, x0, ids, BoundDesign(2, 3), seed=0)
+    assert full.terms_bpd[-1] > 0.5 * full.total.mean  # the last term dominates
+    assert mc.terms_bpd[-1] == pytest.approx(full.terms_bpd[-1], rel=1e-9)
+    assert abs(mc.total.mean - full.total.mean) < 3 * mc.total.stderr
 
 
 def test_design_checks():

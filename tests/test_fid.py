@@ -57,6 +57,12 @@ def test_fid_bootstrap_interval_matches_the_spread_over_data_sets():
     assert 0.6 < point.stderr / np.std(repeats, ddof=1) < 1.6
 
 
+def test_a_distance_interval_stays_at_or_above_zero():
+    rng = np.random.default_rng(5)
+    small = fid_bootstrap(rng.normal(size=(12, 4)), rng.normal(size=(12, 4)), reps=100, seed=0)
+    assert small.ci_low >= 0 and small.ci_high > small.mean > 0
+
+
 def test_fid_paired_difference():
     rng = np.random.default_rng(4)
     ref, a = rng.normal(size=(400, 4)), rng.normal(size=(400, 4))
