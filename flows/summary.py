@@ -96,17 +96,22 @@ def _plot_line(ax, members: list[PointResult], x_key: str, pos: dict, key: str, 
     xs = sorted(by_x, key=lambda x: pos[x])
     ax.plot([pos[x] for x in xs], [np.mean([r.metrics[key] for r in by_x[x]]) for x in xs], color=color, label=name)
     for x in xs:
-        for j, r in enumerate(by_x[x]):
-            m = r.metrics
+        k = len(by_x[x])
+        for j, r in enumerate(by_x[x]):  # seeds side by side: a small offset each (relative on a log axis)
+            m, shift = r.metrics, 0.03 * (j - (k - 1) / 2)
+            at = pos[x] * (1 + shift) if ax.get_xscale() == "log" or pos[x] > 1 else pos[x] + shift
             if f"{key}_ci_low" in m:
                 err = [[m[key] - m[f"{key}_ci_low"]], [m[f"{key}_ci_high"] - m[key]]]
-                ax.errorbar([pos[x]], [m[key]], yerr=err, fmt="o", color=color, ms=4, capsize=3, alpha=0.8)
+                ax.errorbar([at], [m[key]], yerr=err, fmt="o", color=color, ms=4, capsize=3, alpha=0.8)
 
 
 def _x_ticks(ax, xs: list, pos: dict, numeric: bool, name: str) -> None:
     values = sorted(pos[x] for x in xs)
     if numeric and len(values) > 1 and values[0] > 0 and values[-1] / values[0] >= 5:
         ax.set_xscale("log")
+    if len(values) == 1:  # one x: keep the seeds' small offsets small on screen
+        v = values[0]
+        ax.set_xlim(*((0.8 * v, 1.2 * v) if numeric and v > 0 else (v - 0.5, v + 0.5)))
     ax.set_xticks([pos[x] for x in xs], [str(x) for x in xs])
     ax.minorticks_off()
     ax.set_xlabel(name)
