@@ -71,8 +71,8 @@ def main() -> None:
     per_image = np.mean([r["per_image"] for r in same], axis=0) - np.array(ref["per_image"])
     agreement = mean_estimate(per_image)
     reps = [run(net, schedule, data, default, n_default, seed, p) for seed in range(3)]
-    designs = [run(net, schedule, data, BoundDesign(k, m), min(len(data.test_images), budget // (k + m)), 100, p)
-               for k, m in DESIGNS]
+    designs = [run(net, schedule, data, d, min(len(data.test_images), budget // d.passes_per_image()), 100, p)
+               for d in (BoundDesign(k, m) for k, m in DESIGNS)]
     means = np.array([r["bpd"] for r in reps])
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
