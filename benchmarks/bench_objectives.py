@@ -39,7 +39,7 @@ from ddpm_core.data import from_model_range, load_dataset, to_model_range  # noq
 from ddpm_core.diffusion import output_channels  # noqa: E402
 from ddpm_core.elbo_mc import estimate_bound  # noqa: E402
 from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_bootstrap, fid_features,  # noqa: E402
-                           fid_proxy_report, load_or_train_featurizer)
+                           load_or_train_featurizer, report_from_features)
 from ddpm_core.stats import paired_difference  # noqa: E402
 from ddpm_core.sampling import sample as draw_samples  # noqa: E402
 from ddpm_core.schedules import NoiseSchedule  # noqa: E402
@@ -103,7 +103,7 @@ def score_samples(model, schedule, p: Params, sampler: str, steps: int, featuriz
     images = from_model_range(x)
     save_grid(images[:64].numpy(), ARGS.out / f"objectives_{tag}.png")
     features = fid_features(featurize, images, data, ARGS.n_fid, seed=0)
-    fid = fid_proxy_report(None, None, None, ARGS.n_fid, 0, 200, features)
+    fid = report_from_features(features, 0, 200)
     return {**{k: float(v) for k, v in fid.items()}, "sample_seconds": seconds, "features": features}
 
 

@@ -85,6 +85,7 @@ class BoundEstimate:
     decoder_bpd: float        # mean over images of the exact decoder term
     terms_bpd: np.ndarray     # [T] mean term per index: exact below exact_t and at T, per geometric bin between
     network_passes: int
+    design: BoundDesign
 
 
 def geometric_edges(lo: int, hi: int, bins: int) -> np.ndarray:
@@ -205,4 +206,4 @@ def estimate_bound(model: EpsModel, s, x0: torch.Tensor, image_ids: np.ndarray, 
     bar.close()
     total = grouped_mean_estimate(groups) if n >= 2 else Estimate(float(per_image[0]), np.nan, np.nan, np.nan, 1)
     return BoundEstimate(per_image, np.asarray(image_ids), phase, total, float(prior.mean()),
-                         float(exact[:, 0].mean()), terms, n * design.passes_per_image())
+                         float(exact[:, 0].mean()), terms, n * design.passes_per_image(), design)

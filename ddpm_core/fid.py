@@ -214,12 +214,17 @@ def fid_bootstrap(a: np.ndarray, b: np.ndarray, reps: int, seed: int,
     return est if minus is not None else replace(est, ci_low=max(0.0, est.ci_low))  # a distance is >= 0
 
 
-def fid_proxy_report(featurize: Featurize | None, samples: torch.Tensor | None, data: ImageData | None, n: int,
-                     seed: int = 0, reps: int = 200, features: FidFeatures | None = None) -> dict[str, Any]:
-    """fid_proxy of `samples` (uint8) against n test images, with the real-vs-real floor at the same n, each
-    with a bootstrap 95% interval over samples and reference images, and KID-proxy with its standard error
-    over disjoint subsets. Pass `features` (from fid_features) to skip featurizing."""
-    f = features or fid_features(featurize, samples, data, n, seed)
+def fid_proxy_report(featurize: Featurize, samples: torch.Tensor, data: ImageData, n: int, seed: int = 0,
+                     reps: int = 200) -> dict[str, Any]:
+    """fid_proxy of `samples` (uint8) against n test images, with the real-vs-real floor at the same n (see
+    report_from_features)."""
+    return report_from_features(fid_features(featurize, samples, data, n, seed), seed, reps)
+
+
+def report_from_features(f: FidFeatures, seed: int = 0, reps: int = 200) -> dict[str, Any]:
+    """FID-proxy and its floor, each with a bootstrap 95% interval over samples and reference images, and
+    KID-proxy with its standard error over disjoint subsets, from features of fid_features."""
+    n = len(f.gen)
     fid = fid_bootstrap(f.gen, f.test, reps, seed)
     floor = fid_bootstrap(f.train, f.test, reps, seed + 1)
     kid_gen, kid_floor = kid(f.gen, f.test, seed=seed), kid(f.train, f.test, seed=seed)

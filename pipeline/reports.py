@@ -116,7 +116,7 @@ def summary_markdown(params_flat: dict[str, Any], metrics: dict[str, Any]) -> st
               ((k, metrics[k]) for k in detail)]
     draws = metrics.get("bpd_draws", 0)
     how = (f"all T terms of each image" if not draws else
-           f"an unbiased Monte-Carlo estimate: t <= {metrics.get('bpd_exact_t')} exactly and {draws} t drawn "
+           f"an unbiased Monte-Carlo estimate: t <= {metrics.get('bpd_exact_t')} and t = T exactly and {draws} t drawn "
            "per image from a pilot-shaped proposal, weighted by 1/p")
     lines += ["", f"Negative ELBO in bits/dim (prior L_T, KL terms, discretized decoder L_0) on {metrics.get('n_bpd')} "
               f"test images with {metrics.get('bpd_network_passes')} network passes: {how}. Its 95% interval covers "

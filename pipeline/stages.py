@@ -16,8 +16,8 @@ from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.data import DataError, ImageData, from_model_range, load_dataset, to_model_range
 from ddpm_core.diffusion import output_channels
 from ddpm_core.elbo_mc import BoundEstimate, estimate_bound
-from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_features, fid_proxy_report,
-                           load_or_train_featurizer)
+from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_features, load_or_train_featurizer,
+                           report_from_features)
 from ddpm_core.sampling import sample as draw_samples
 from ddpm_core.schedules import NoiseSchedule
 from ddpm_core.serving import FlatEpsModel
@@ -178,7 +178,7 @@ def evaluate_samples(p: Params, data: ImageData, device: torch.device) -> tuple[
     features = fid_features(classifier_featurize(feat), samples, data, e["n_fid"], seed=e["seed"])
     np.savez(paths.FID_FEATURES, gen=features.gen.astype(np.float32), test=features.test.astype(np.float32),
              train=features.train.astype(np.float32))
-    report = fid_proxy_report(None, None, None, e["n_fid"], e["seed"], e["fid_bootstrap"], features)
+    report = report_from_features(features, e["seed"], e["fid_bootstrap"])
     return report, info["accuracy"]
 
 
@@ -193,8 +193,7 @@ def evaluate(p: Params) -> None:
     sample_stats = json.loads(paths.SAMPLE_STATS.read_text())
     metrics = {**bound.total.as_dict("bpd"), "prior_bpd": bound.prior_bpd, "decoder_bpd": bound.decoder_bpd,
                "n_bpd": len(bound.per_image), "bpd_network_passes": bound.network_passes,
-               "bpd_exact_t": bound_design(p.evaluate, schedule.T).exact_t,
-               "bpd_draws": bound_design(p.evaluate, schedule.T).draws, "bpd_seconds": bpd_seconds,
+               "bpd_exact_t": bound.design.exact_t, "bpd_draws": bound.design.draws, "bpd_seconds": bpd_seconds,
                **fid, "classifier_accuracy": accuracy, "sample_steps": sample_stats["steps"],
                "sample_seconds": sample_stats["sample_seconds"],
                "final_train_loss": float(losses["loss"][-max(1, len(losses["loss"]) // 20):].mean())}
