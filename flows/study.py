@@ -159,21 +159,22 @@ def _run_study(root: Path, spec: Study, concurrency: int, experiment: str):
     from flows import study_report
 
     start, points = time.perf_counter(), spec.points()
-    parent = tracking.start_parent_run(
+    commit = git(root, "rev-parse", "HEAD")
+    parent = earlier_parent_run(experiment, spec.name, commit) or tracking.start_parent_run(
         experiment, f"study-{spec.name}", {"study.grids": spec.grids, "study.overrides": spec.overrides,
                                            "study.bundles": spec.bundles, "study.points": len(points)},
-        {"study": spec.name, "sweep": spec.name})
+        {"study": spec.name, "sweep": spec.name, "study_commit": commit})
     results: list[PointResult] = []
     files: dict[str, Path] = {}
     try:
-        results = submit_points(root, spec.name, points, parent, concurrency, None)
+        results = run_models_first(root, spec.name, points, parent, concurrency)
     finally:
         ok = sum(r.status == "ok" for r in results)
         message = f"{ok} of {len(points)} points succeeded"
         header = (f"{message} in {time.perf_counter() - start:.0f} s; commit {git(root, 'rev-parse', 'HEAD')[:10]}; "
                   f"every point: {spec.overrides}; MLflow parent run {parent}")
         out = study_dir(root, spec.name)
-        summary_ = summary.write_all(root, spec.name, results, header, spec.reference_axes(), out) if results else None
+        summary_ = summary.write_all(root, spec.name, results, header, spec.reference_axes(), out, "Study") if results else None
         if summary_:
             files = {**summary_["files"], **study_report.write_all(root, spec, results, out)}
             summary.publish_prefect(spec.name, summary_, header)
@@ -186,6 +187,40 @@ def _run_study(root: Path, spec: Study, concurrency: int, experiment: str):
         return Completed(message=message)
     return Failed(message=message + "; failed: " + "; ".join(f"{r.label}: {r.reason}" for r in results
                                                              if r.status != "ok"))
+
+
+def model_key(point: Point) -> tuple:
+    """What a point trains: its settings without the sampling keys (points that share it share the network)."""
+    return tuple(sorted((k, repr(v)) for k, v in point.settings().items() if not k.startswith("sample.")))
+
+
+def run_models_first(root: Path, name: str, points: list[Point], parent: str, concurrency: int) -> list[PointResult]:
+    """The first point of every model, then the others, whose train stage DVC's run-cache restores: points
+    running side by side never train the same model twice. Results in grid order."""
+    first: dict[tuple, int] = {}
+    for i, p in enumerate(points):
+        first.setdefault(model_key(p), i)
+    order = sorted(range(len(points)), key=lambda i: i not in first.values())
+    phases = [[i for i in order if i in first.values()], [i for i in order if i not in first.values()]]
+    done: dict[int, PointResult] = {}
+    for phase in phases:
+        if phase:
+            done.update(zip(phase, submit_points(root, name, [points[i] for i in phase], parent, concurrency, None)))
+    return [done[i] for i in range(len(points))]
+
+
+def earlier_parent_run(experiment: str, name: str, commit: str) -> str | None:
+    """The parent run of an earlier run of this study at this commit: its points' child runs are under it,
+    and reused points log no new ones, so a second run reports there instead of in an empty new parent."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.study = '{name}' and tags.study_commit = '{commit}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def main(argv: list[str] | None = None) -> int:

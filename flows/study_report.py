@@ -63,12 +63,10 @@ def model_label(model: tuple) -> str:
 
 # --- contrasts -------------------------------------------------------------------------------------------
 def _row(axis: str, metric: str, a: PointResult, b: PointResult, est: Estimate | None, spec: "Study") -> dict:
+    """One contrast: the axes a and b share (sampling axes left out for bits/dim), a, b, a - b, its interval."""
     names_a, names_b = axis_names(spec, a.axes), axis_names(spec, b.axes)
-    same = {k: v for k, v in names_a.items() if names_b.get(k) == v}
-    varies = {k: (v, names_b.get(k)) for k, v in names_a.items() if names_b.get(k) != v}
-    row = {"axis": axis, "metric": metric, **same,
-           "a": ", ".join(f"{k} {v}" for k, (v, _) in varies.items()),
-           "b": ", ".join(f"{k} {w}" for k, (_, w) in varies.items()),
+    same = {k: v for k, v in names_a.items() if names_b.get(k) == v and not (metric == "bpd" and _is_sampling(spec, k))}
+    row = {"axis": axis, "metric": metric, **same, "a": names_a[axis], "b": names_b[axis],
            "a_value": a.metrics.get(metric), "b_value": b.metrics.get(metric)}
     if est is None:
         return {**row, "diff": None, "ci_low": None, "ci_high": None, "verdict": "not comparable"}
@@ -126,7 +124,10 @@ def contrasts(spec: "Study", results: list[PointResult]) -> pd.DataFrame:
         pick, metrics = RULES.get(name, (_first, ("bpd", "fid_proxy")))
         for metric in metrics:
             rows += _pairs(spec, per_model if metric == "bpd" else ok, name, pick, (metric,))
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    names = [n for n in axis_of(spec) if n in frame.columns]
+    return frame[["axis", "metric", *names, *[c for c in frame.columns if c not in ("axis", "metric", *names)]]] \
+        if rows else frame
 
 
 def _one_point_per_model(spec: "Study", ok: list[PointResult]) -> list[PointResult]:
@@ -141,22 +142,28 @@ def _one_point_per_model(spec: "Study", ok: list[PointResult]) -> list[PointResu
 
 def contrasts_markdown(name: str, frame: pd.DataFrame) -> str:
     parts = [f"# Study {name}: contrasts", "",
-             "Each row: a minus b, paired (bits/dim: the same test images and noise draws; FID-proxy: bootstrap "
-             "with the same reference images), with its 95% interval. The intervals cover the estimator's noise "
-             "for the two trained models as they are; the `seed` rows show how far training noise alone moves "
-             "the same numbers.", ""]
+             "Each row: a minus b, where a and b differ in one axis only; paired (bits/dim: the same test images "
+             "and noise draws; FID-proxy: bootstrap with the same reference images), with its 95% interval. The "
+             "intervals cover the estimator's noise for the two trained models as they are; the `seed` rows show "
+             "how far training noise alone moves the same numbers.", ""]
     if frame.empty:
         return "\n".join(parts + ["No contrasts: no two points differ in one axis.", ""])
-    for axis, rows in frame.groupby("axis", sort=False):
-        cols = [c for c in rows.columns if c != "axis" and rows[c].notna().any()]
-        parts += [f"## {axis}", "", _md(rows, cols), ""]
+    for (axis, metric), rows in frame.groupby(["axis", "metric"], sort=False):
+        shared = [c for c in frame.columns[2:frame.columns.get_loc("a")] if c != axis and rows[c].notna().any()]
+        table = rows[shared].copy()
+        table["a - b"] = [f"{a} - {b}" for a, b in zip(rows["a"], rows["b"])]
+        table["a"], table["b"] = rows["a_value"].map(fmt), rows["b_value"].map(fmt)
+        table["difference (95% CI)"] = [f"{fmt(d)} ({fmt(lo)} to {fmt(hi)})" for d, lo, hi in
+                                        zip(rows["diff"], rows["ci_low"], rows["ci_high"])]
+        table["verdict"] = rows["verdict"]
+        parts += [f"## {axis}: {metric}", "", _md(table), ""]
     return "\n".join(parts)
 
 
-def _md(frame: pd.DataFrame, cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+def _md(frame: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(fmt(row[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(fmt(v) for v in row) + " |")
     return "\n".join(lines)
 
 
@@ -179,6 +186,13 @@ def _style(spec: "Study", model: dict[str, Any]) -> dict[str, Any]:
     return {"color": color, "ls": ls}
 
 
+def _log_ticks(ax, values: list) -> None:
+    """A log axis labelled with the grid's own values (10, 25, 100), not powers of ten."""
+    ax.set_xscale("log")
+    ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.minorticks_off()
+
+
 def _err(m: dict, key: str) -> list[list[float]]:
     return [[m[key] - m[f"{key}_ci_low"]], [m[f"{key}_ci_high"] - m[key]]]
 
@@ -199,7 +213,7 @@ def plot_bpd_vs_T(spec: "Study", results: list[PointResult], path: Path) -> None
             shift = 1 + 0.04 * (n.get("seed", 0) or 0)
             ax.errorbar([n["T"] * shift], [r.metrics["bpd"]], yerr=_err(r.metrics, "bpd"), fmt="o", ms=4,
                         capsize=3, color=style["color"], alpha=0.8)
-    ax.set_xscale("log")
+    _log_ticks(ax, sorted({n["T"] for members in lines.values() for n, _ in members}))
     ax.set_xlabel("T (diffusion steps)")
     ax.set_ylabel("negative ELBO (bits/dim)")
     ax.grid(alpha=0.3)
@@ -233,7 +247,7 @@ def plot_fid_vs_steps(spec: "Study", results: list[PointResult], path: Path) -> 
                         **style)
         if ok:
             ax.axhline(min(r.metrics["fid_proxy_floor"] for r in ok), color="grey", ls=":", label="real-vs-real floor")
-        ax.set_xscale("log")
+        _log_ticks(ax, sorted({r.metrics["sample_steps"] for members in models.values() for r in members}))
         ax.set_title(f"T = {T}", fontsize=9)
         ax.set_xlabel("sampling steps (respaced)")
         ax.grid(alpha=0.3)

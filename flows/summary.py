@@ -118,7 +118,7 @@ def _x_ticks(ax, xs: list, pos: dict, numeric: bool, name: str) -> None:
 
 
 def write_all(root: Path, name: str, results: list[PointResult], header: str,
-              reference: dict[str, Any] | None = None, out: Path | None = None) -> dict[str, Any]:
+              reference: dict[str, Any] | None = None, out: Path | None = None, kind: str = "Sweep") -> dict[str, Any]:
     """summary.csv, summary.md (with verdicts and the seeds table), seeds.csv and sweep.png in `out` (default
     reports/sweeps/NAME); returns the paths and the table (`frame`) and verdicts for the caller."""
     out = out or sweep_dir(root, name)
@@ -132,18 +132,18 @@ def write_all(root: Path, name: str, results: list[PointResult], header: str,
     if not seeds.empty:
         files["seeds"] = out / "seeds.csv"
         seeds.to_csv(files["seeds"], index=False)
-    plot(results, files["plot"], f"sweep {name}")
-    files["md"].write_text(report_markdown(name, header, results, frame, seeds, verdicts, ref))
+    plot(results, files["plot"], f"{kind.lower()} {name}")
+    files["md"].write_text(report_markdown(name, header, results, frame, seeds, verdicts, ref, kind))
     return {"files": files, "frame": frame, "verdicts": verdicts, "reference": ref}
 
 
 def report_markdown(name: str, header: str, results: list[PointResult], frame: pd.DataFrame, seeds: pd.DataFrame,
-                    verdicts: list[str], ref: int | None) -> str:
+                    verdicts: list[str], ref: int | None, kind: str = "Sweep") -> str:
     ref_text = (f"Reference point: **{results[ref].label}**. Differences are point minus reference, paired: the "
                 "same test images and noise draws for bits/dim, the same reference images for the FID-proxy; their "
                 "intervals cover the estimator's noise, not training seeds." if ref is not None else
                 "No point succeeded: no reference, no differences.")
-    parts = [f"# Sweep {name}", "", header, "", ref_text, ""]
+    parts = [f"# {kind} {name}", "", header, "", ref_text, ""]
     parts += [f"- {v}" for v in verdicts] + ([""] if verdicts else [])
     parts += [markdown(frame, [*axis_columns(results), "reference", *MD_METRICS]), ""]
     if not seeds.empty:

@@ -1,0 +1,235 @@
+"""Studies: the grid file, the contrasts, and a tiny digits study end to end through its command."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from flows import study_report
+from flows.points import PointResult, point_params_error
+from flows.study import Study, load_study, model_key
+from pipeline.params import ParamsError
+
+from project import ROOT, make_project, run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+COMMITTED = ROOT / "flows" / "studies" / "schedule-T-objective.yaml"
+BUNDLES = {"training": {"ho": {"diffusion.variance": "fixed_small", "train.loss": "simple"},
+                        "improved": {"diffusion.variance": "learned_range", "train.loss": "hybrid"}}}
+
+
+# --- fast: the grid file ---------------------------------------------------------------------------------
+def test_the_committed_study_is_the_issue_grid_and_every_point_is_valid():
+    spec = load_study(COMMITTED)
+    points = spec.points()
+    assert len(points) == 2 * 3 * 2 * 3 + 2 * 3  # schedule x T x training x steps, + seed 1 of linear T = 100
+    settings = [p.settings() for p in points]
+    assert {s["diffusion.T"] for s in settings} == {100, 1000, 4000}
+    assert {(s["diffusion.variance"], s["train.loss"]) for s in settings} == {("fixed_small", "simple"),
+                                                                             ("learned_range", "hybrid")}
+    assert all(s["train.steps"] == settings[0]["train.steps"] for s in settings)  # one budget for all
+    assert [s["sample.steps"] for s in settings[:3]] == [10, 25, 100]  # a model trains once, then samples
+    assert len({p.exp_name(spec.name) for p in points}) == len(points)
+    assert len({model_key(p) for p in points}) == 14  # trained networks: sampling keys do not train
+    assert all(point_params_error(ROOT, p) is None for p in points)
+    gpu = load_study(COMMITTED, gpu=True)
+    assert gpu.name == "schedule-T-objective-gpu" and gpu.overrides["train.steps"] > spec.overrides["train.steps"]
+    assert all(point_params_error(ROOT, p) is None for p in gpu.points())
+    assert spec.reference_axes()["diffusion.variance"] == "fixed_small"
+
+
+def write(tmp_path, text: str | bytes) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+GOOD = {"name": "s", "budget": {"train.steps": 5}, "bundles": BUNDLES,
+        "grids": [{"diffusion.schedule": ["linear"], "training": ["ho", "improved"]}]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"name": "a b"}, "name 'a b' is not allowed"),
+    ({"colour": 1}, "unknown section 'colour'"),
+    ({"grids": []}, "grids must be a non-empty list"),
+    ({"grids": [{"diffusion.T": 100}]}, "diffusion.T needs a non-empty list"),
+    ({"grids": [{"training": ["best"]}]}, "training = 'best' is not one of ho, improved"),
+    ({"grids": [{"T": [100]}]}, "T is neither a params key"),
+    ({"grids": [{"diffusion.T": [100]}, {"diffusion.schedule": ["cosine"]}]}, "same axes in the same order"),
+    ({"budget": {"diffusion.variance": "fixed_large"}}, "diffusion.variance is both a grid axis and"),
+    ({"reference": {"training": "best"}}, "reference training: 'best' is not a grid axis value"),
+    ({"budget": [1]}, "budget must be a mapping"),
+])
+def test_a_bad_study_file_is_one_line_naming_the_problem(tmp_path, change, message):
+    path = write(tmp_path, yaml.safe_dump({**GOOD, **change}))
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(")) as e:
+        load_study(path)
+    assert "\n" not in str(e.value)
+
+
+def test_unreadable_study_files_and_a_missing_gpu_budget(tmp_path):
+    with pytest.raises(ParamsError, match="cannot read the study file"):
+        load_study(write(tmp_path, b"name: \xff\xfe"))
+    with pytest.raises(ParamsError, match="cannot read the study file"):
+        load_study(write(tmp_path, "grids: [unclosed"))
+    with pytest.raises(ParamsError, match="no gpu_budget"):
+        load_study(write(tmp_path, yaml.safe_dump(GOOD)), gpu=True)
+    assert len(load_study(write(tmp_path, yaml.safe_dump(GOOD))).points()) == 2
+
+
+# --- fast: contrasts on made-up points -------------------------------------------------------------------
+SPEC = Study("s", "", {}, BUNDLES, [{"diffusion.schedule": ["linear", "cosine"], "diffusion.T": [100, 1000],
+                                     "training": ["ho", "improved"], "train.seed": [0],
+                                     "sample.steps": [10, 100]},
+                                    {"diffusion.schedule": ["linear"], "diffusion.T": [100],
+                                     "training": ["ho", "improved"], "train.seed": [1],
+                                     "sample.steps": [10, 100]}], {})
+COMMON = np.random.default_rng(0).normal(0, 0.5, 60)  # per-image noise shared by every point: paired
+
+
+def fake(axes: dict) -> PointResult:
+    """bits/dim 4 - 0.2 (cosine) - 0.3 (improved) - 0.1 (T 1000) + 0.05 (seed 1); FID-proxy features shifted
+    more at 10 steps, less with improved."""
+    improved = axes["diffusion.variance"] == "learned_range"
+    bpd = 4 - 0.2 * (axes["diffusion.schedule"] == "cosine") - 0.3 * improved - 0.1 * (axes["diffusion.T"] == 1000) \
+        + 0.05 * axes["train.seed"]
+    own = np.random.default_rng([axes["diffusion.T"], axes["train.seed"], improved])
+    per_image = {i: bpd + c + 0.005 * own.normal() for i, c in enumerate(COMMON)}
+    shift = (1.5 if axes["sample.steps"] == 10 else 0.3) * (0.3 if improved else 1.0)
+    test = np.random.default_rng(1).normal(size=(400, 3))
+    gen = np.random.default_rng([2, axes["sample.steps"], improved]).normal(size=(400, 3)) + [shift, 0, 0]
+    values = np.array(list(per_image.values()))
+    metrics = {"bpd": values.mean(), "bpd_ci_low": values.mean() - 0.1, "bpd_ci_high": values.mean() + 0.1,
+               "fid_proxy": shift ** 2, "fid_proxy_ci_low": 0.0, "fid_proxy_ci_high": shift ** 2 + 1,
+               "fid_proxy_floor": 0.01, "sample_steps": axes["sample.steps"], "n_fid": 400}
+    return PointResult(axes, "ok", "x", metrics, bpd_per_image=per_image,
+                       fid_features={"gen": gen, "test": test, "train": test})
+
+
+def fake_results() -> list[PointResult]:
+    return [fake(dict(p.axes)) for p in SPEC.points()]
+
+
+def test_contrasts_pair_points_that_differ_in_one_axis():
+    frame = study_report.contrasts(SPEC, fake_results())
+    bpd = frame[frame.metric == "bpd"]
+    # bits/dim once per model: 2 schedules x 2 T x 2 trainings + 2 seed-1 models = 10 models
+    assert set(bpd.axis) == {"schedule", "T", "training", "seed"}
+    assert len(bpd[bpd.axis == "schedule"]) == 4 and len(bpd[bpd.axis == "training"]) == 5
+    assert len(bpd[bpd.axis == "T"]) == 4 and len(bpd[bpd.axis == "seed"]) == 2
+    for axis, expected in (("schedule", -0.2), ("training", -0.3), ("T", -0.1), ("seed", 0.05)):
+        rows = bpd[bpd.axis == axis]
+        assert np.allclose(rows["diff"], expected, atol=0.01), axis
+        assert (rows["ci_high"] - rows["ci_low"] < 0.01).all()  # paired: the common noise cancels
+        assert set(rows.verdict) == {"a lower" if expected < 0 else "a higher"}
+    row = bpd[bpd.axis == "training"].iloc[0]
+    assert (row.a, row.b, row.schedule, row["T"]) == ("improved", "ho", "linear", 100)
+    assert row.isna()["steps"]  # bits/dim does not depend on the sampling steps
+    fid = frame[frame.metric == "fid_proxy"]
+    assert "steps" in set(fid.axis) and "steps" not in set(bpd.axis)
+    few = fid[(fid.axis == "steps")]
+    assert len(few) == 10 and (few["diff"] > 0).all() and set(few.verdict) == {"a higher"}  # 10 steps worse
+    # improved has the smaller shift: lower FID at 10 steps, paired on the same reference features
+    at10 = fid[(fid.axis == "training") & (fid.steps == 10)]
+    assert len(at10) == 5 and set(at10.verdict) == {"a lower"}
+    md = study_report.contrasts_markdown("s", frame)
+    assert "## training: bpd" in md and "## steps: fid_proxy" in md
+    assert "| schedule | T | seed | a - b | a | b | difference (95% CI) | verdict |" in md
+    assert "| linear | 100 | 0 | improved - ho | " in md
+
+
+def test_plots_and_sheets_without_experiments(tmp_path, monkeypatch):
+    """write_all reads curves and samples from each point's experiment: here from a stand-in reader."""
+    results = fake_results()
+
+    def read(root, rev, path, binary=False):
+        if path.endswith(".npz"):
+            import io
+            buf = io.BytesIO()
+            np.savez(buf, images=np.random.default_rng(0).integers(0, 256, (40, 1, 8, 8), dtype=np.uint8))
+            return buf.getvalue()
+        return "t,bpd\n" + "\n".join(f"{t},{1 / t}" for t in range(1, 101))
+
+    monkeypatch.setattr(study_report, "read_exp_file", read)
+    files = study_report.write_all(tmp_path, SPEC, results, tmp_path)
+    sheets = sorted((tmp_path / "samples").glob("*.png"))
+    assert len(sheets) == 10 and sheets[0].name == "cosine-100-ho-0.png"
+    for key in ("bpd_vs_T", "fid_vs_steps", "bpd_per_t"):
+        assert files[key].read_bytes()[:8] == PNG
+    assert list(csv.DictReader(files["contrasts_csv"].open()))
+
+
+# --- slow: a tiny digits study through its command -------------------------------------------------------
+TINY_STUDY = {
+    "name": "tiny", "budget": {"train.steps": 8, "sample.n": 24, "evaluate.n_fid": 24,
+                               "evaluate.bpd_passes": 240},
+    "fixed": {"sample.sampler": "ancestral", "sample.clamp_steps": True, "mlflow.register_model": False},
+    "bundles": BUNDLES,
+    "grids": [{"diffusion.schedule": ["linear", "cosine"], "diffusion.T": [30, 60], "training": ["ho", "improved"],
+               "sample.steps": [4, 8]}],
+    "reference": {"diffusion.schedule": "linear", "diffusion.T": 30, "training": "ho", "sample.steps": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.slow
+def test_a_tiny_study_end_to_end_and_again_from_its_experiments(harness, tmp_path, monkeypatch):
+    import mlflow
+    from prefect.client.orchestration import get_client
+
+    from flows.study import main
+
+    project = make_project(tmp_path / "p")
+    (project / "tiny.yaml").write_text(yaml.safe_dump(TINY_STUDY, sort_keys=False))
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["tiny.yaml", "--concurrency", "2"]) == 0
+    out = project / "reports" / "studies" / "tiny"
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert len(rows) == 16 and all(r["status"] == "ok" for r in rows)
+    assert [r["reference"] for r in rows].count("True") == 1
+    assert {(r["schedule"], r["T"], r["variance"], r["loss"], r["steps"]) for r in rows} == {
+        (s, T, v, loss, k) for s in ("linear", "cosine") for T in ("30", "60")
+        for v, loss in (("fixed_small", "simple"), ("learned_range", "hybrid")) for k in ("4", "8")}
+    contrasts = list(csv.DictReader((out / "contrasts.csv").open()))
+    assert {(c["axis"], c["metric"]) for c in contrasts} == {
+        ("schedule", "bpd"), ("schedule", "fid_proxy"), ("training", "bpd"), ("training", "fid_proxy"),
+        ("T", "bpd"), ("T", "fid_proxy"), ("steps", "fid_proxy")}
+    assert all(float(c["ci_low"]) <= float(c["diff"]) <= float(c["ci_high"]) for c in contrasts)
+    for name in ("summary.md", "contrasts.md"):
+        assert (out / name).read_text().strip()
+    for name in ("sweep.png", "bpd_vs_T.png", "fid_vs_steps.png", "bpd_per_t.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+    assert len(list((out / "samples").glob("*.png"))) == 8  # one sheet per trained model
+    # a model trains once: its two sampling points share the trained network's bits/dim exactly
+    by_model = {}
+    for r in rows:
+        by_model.setdefault((r["schedule"], r["T"], r["variance"]), set()).add(r["bpd"])
+    assert all(len(v) == 1 for v in by_model.values())
+    # MLflow: one parent run, a child per point; Prefect: the summary as artifacts
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ddpm")
+    parents = client.search_runs([exp.experiment_id], "tags.study = 'tiny'")
+    assert len(parents) == 1
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert len(children) == 16
+    with get_client(sync_client=True) as pc:
+        assert {"sweep-tiny-table", "sweep-tiny-summary"} <= {a.key for a in pc.read_artifacts()}
+    # again: every point reused from its experiment, nothing recomputed, the same table
+    (out / "summary.csv").rename(out / "first.csv")
+    assert main(["tiny.yaml"]) == 0
+    again = list(csv.DictReader((out / "summary.csv").open()))
+    assert all(r["cached"] == "True" for r in again)
+    assert [r["bpd"] for r in again] == [r["bpd"] for r in rows]
+    parents = client.search_runs([exp.experiment_id], "tags.study = 'tiny'")  # the same parent, finished again
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert "error" not in run("dvc status", project).stdout.lower()
