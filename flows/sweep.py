@@ -178,7 +178,7 @@ def sweep(name: str, schedules: list[Schedule] | None = None, T: list[int] | Non
     if concurrency > 1 and "train.threads" not in overrides and "train.threads" not in axes:
         overrides["train.threads"] = threads_per_point(concurrency)
     points = make_grid(axes, overrides)
-    experiment = load_params(root / "params.yaml").mlflow["experiment"]
+    experiment = load_params(root / "params.yaml").mlflow.experiment
     with project_root_env(root):
         return _run_sweep(root, name, axes, overrides, concurrency, deployment, points, experiment, reference)
 

@@ -1,6 +1,7 @@
 """The DVC pipeline end to end on a tiny digits configuration, in a temporary Git repository, with MLflow."""
 
 import json
+import re
 
 import pytest
 
@@ -122,3 +123,39 @@ def test_unreachable_tracking_server_is_reported_before_training(monkeypatch):
         tracking.check_reachable(timeout=2)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking.tracking_uri().startswith("sqlite:///") and tracking.tracking_uri().endswith("mlflow/mlflow.db")
+
+
+def test_damaged_prepared_data_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """One flipped byte in build/data.npz (in the arrays, in the zip directory, at the start) or a damaged
+    build/data.json stops a stage with one line naming the file and `dvc repro prepare`, never a traceback."""
+    import yaml
+
+    from pipeline.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DDPM_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["dataset"] = "digits"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["prepare"]) == 0
+    good = paths.DATA.read_bytes()
+    for position in (0, 500, len(good) // 2, len(good) - 200, len(good) - 30):
+        damaged = bytearray(good)
+        damaged[position] ^= 0xFF
+        paths.DATA.write_bytes(bytes(damaged))
+        capsys.readouterr()
+        assert main(["train"]) == 2, position
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and re.fullmatch(r"error: train: build/data.npz is damaged \(.+\); run `dvc repro "
+                                              r"prepare`", err[0]), (position, err)
+    paths.DATA.write_bytes(good)
+    info = paths.DATA_INFO.read_text()
+    paths.DATA_INFO.write_text(info[: len(info) // 2])
+    assert main(["featurizer"]) == 2
+    assert re.fullmatch(r"error: featurizer: build/data.json is damaged \(JSONDecodeError: .+\); run `dvc repro "
+                        r"prepare`\n", capsys.readouterr().err)
+    paths.DATA.unlink()
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err == "error: train: build/data.npz is missing; run `dvc repro prepare`\n"
+    assert not paths.MODEL.exists()
