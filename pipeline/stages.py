@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_features,
                            report_from_features)
 from ddpm_core.sampling import sample as draw_samples
 from ddpm_core.schedules import NoiseSchedule
-from ddpm_core.serving import FlatEpsModel
+from ddpm_core.serving import save_eps_model
 from ddpm_core.train import TrainConfig, resolve_device, train as run_training
 from ddpm_core.unet import build_unet
 
@@ -203,19 +204,53 @@ def evaluate(p: Params) -> None:
                "sample_seconds": sample_stats["sample_seconds"],
                "final_train_loss": float(losses["loss"][-max(1, len(losses["loss"]) // 20):].mean())}
     write_reports(p, metrics, bound, losses)
-    run = tracking.log_run(
-        p.mlflow.experiment, p.flat(), {k: float(v) for k, v in metrics.items()},
-        (losses["step"].astype(int).tolist(), losses["loss"].tolist()),
-        [paths.SAMPLE_GRID, paths.LOSS_PLOT, paths.BPD_PLOT, paths.BPD_PER_T, paths.BPD_PER_IMAGE, paths.SUMMARY,
-         paths.TRAIN_CURVE, *paths.FIGURE_FILES],
-        FlatEpsModel(net.cpu(), tuple(meta["image_shape"])),
-        {"data_sha256": meta["data_sha256"], "dataset": meta["dataset"],
-         "run_name": f"{meta['dataset']}-{p.diffusion.schedule}-T{p.diffusion.T}"},
-        f"ddpm-{meta['dataset'].replace('_', '-')}" if p.mlflow.register_model else None)
+    run = log_to_mlflow(p, net, schedule, meta, metrics, losses)
     write_json(paths.MLFLOW_RUN, run)
     print(f"evaluate: bpd {metrics['bpd']:.3f} (95% CI {metrics['bpd_ci_low']:.3f} to {metrics['bpd_ci_high']:.3f}, "
           f"{metrics['n_bpd']} images), fid_proxy {metrics['fid_proxy']:.3f} (95% CI {metrics['fid_proxy_ci_low']:.3f}"
           f" to {metrics['fid_proxy_ci_high']:.3f}; floor {metrics['fid_proxy_floor']:.3f}); MLflow run {run['run_id']}")
+
+
+def log_to_mlflow(p: Params, net: torch.nn.Module, schedule: NoiseSchedule, meta: dict[str, Any],
+                  metrics: dict[str, Any], losses: dict[str, np.ndarray]) -> dict[str, str]:
+    """The MLflow run, with the generator registered as ddpm-<dataset> (its description and tags say what it is)."""
+    d = p.diffusion
+    tags = {"data_sha256": meta["data_sha256"], "dataset": meta["dataset"],
+            "run_name": f"{meta['dataset']}-{d.schedule}-T{d.T}"}
+    model_tags = {**d.model_dump(), "loss": p.train.loss, "train_steps": p.train.steps,
+                  "bpd": f"{metrics['bpd']:.4f}", "fid_proxy": f"{metrics['fid_proxy']:.3f}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        eps_file = Path(tmp) / "eps_model.pt"
+        save_eps_model(eps_file, net, schedule, {**meta, "variance": d.variance, "objective": d.objective,
+                                                 "sampling": sampling_defaults(p, schedule.T)})
+        return tracking.log_run(
+            p.mlflow.experiment, p.flat(), {k: float(v) for k, v in metrics.items()},
+            (losses["step"].astype(int).tolist(), losses["loss"].tolist()),
+            [paths.SAMPLE_GRID, paths.LOSS_PLOT, paths.BPD_PLOT, paths.BPD_PER_T, paths.BPD_PER_IMAGE, paths.SUMMARY,
+             paths.TRAIN_CURVE, *paths.FIGURE_FILES],
+            eps_file, tags, f"ddpm-{meta['dataset'].replace('_', '-')}" if p.mlflow.register_model else None,
+            description=model_description(p, meta, metrics), model_tags=model_tags)
+
+
+def sampling_defaults(p: Params, T: int) -> dict[str, Any]:
+    """How the registered generator samples unless a request says otherwise: as the sample stage did."""
+    s = p.sample
+    return {"sampler": s.sampler, "steps": sample_steps(s, T), "eta": s.eta, "clip_x0": s.clip_x0,
+            "batch_size": s.batch_size}
+
+
+def model_description(p: Params, meta: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The registered version's description: what was trained, how well it scored, and how to call it."""
+    d, m, s = p.diffusion, metrics, sampling_defaults(p, p.diffusion.T)
+    shape = "x".join(str(v) for v in meta["image_shape"])
+    return (f"DDPM generator for {meta['dataset']} ({shape}): {d.schedule} schedule, T = {d.T}, objective "
+            f"{d.objective}, variance {d.variance}, loss {p.train.loss}, {p.train.steps} training steps (EMA "
+            f"weights). Negative ELBO {m['bpd']:.3f} bits/dim (95% CI {m['bpd_ci_low']:.3f} to "
+            f"{m['bpd_ci_high']:.3f}, {m['n_bpd']} test images); FID-proxy {m['fid_proxy']:.2f} (95% CI "
+            f"{m['fid_proxy_ci_low']:.2f} to {m['fid_proxy_ci_high']:.2f}, {m['n_fid']} samples). predict: rows "
+            f"with a `seed` column -> uint8 images [N, {', '.join(str(v) for v in meta['image_shape'])}], one "
+            f"per seed; params sampler, steps, eta, clip_x0 (defaults {s['sampler']}, {s['steps']}, {s['eta']}, "
+            f"{str(s['clip_x0']).lower()}).")
 
 
 def write_reports(p: Params, metrics: dict[str, Any], bound: BoundEstimate, losses: dict[str, np.ndarray]) -> None:
