@@ -331,9 +331,10 @@ class _Overrides(BaseModel):
         return nested
 
     def flat(self) -> dict[str, Any]:
-        """{'train.steps': 300}: the keys given, as `dvc exp run -S` sets them."""
-        return {f"{section}.{k}": v for section, values in self.model_dump(exclude_unset=True).items()
-                if values is not None for k, v in values.items()}
+        """{'train.steps': 300}: the keys given, as `dvc exp run -S` sets them. None means "as params.yaml has
+        it" (forms and Prefect's stored parameters send every field), so an override cannot set a key to null."""
+        return {f"{section}.{k}": v for section, values in self.model_dump(exclude_none=True).items()
+                for k, v in values.items()}
 
 
 # params keys set for every point of a sweep, typed by section: a form in Prefect's UI, not a JSON box
@@ -342,8 +343,11 @@ Overrides = create_model("Overrides", __base__=_Overrides, __doc__="params.yaml 
                             for name, cls in SECTIONS.items()})
 
 
-def overrides(flat: dict[str, Any]) -> _Overrides:
-    """Overrides from {'train.steps': 300}; ParamsError with one line (the key named) if one is invalid."""
+def overrides(flat: dict[str, Any] | _Overrides) -> _Overrides:
+    """Overrides from {'train.steps': 300} (or {'train': {'steps': 300}}); ParamsError with one line naming the
+    key if one is invalid."""
+    if isinstance(flat, _Overrides):
+        return flat
     try:
         return Overrides.model_validate(flat)
     except ValidationError as e:

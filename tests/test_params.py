@@ -321,8 +321,9 @@ def test_library_configs_take_every_params_key_they_have_a_field_for():
 
 
 def test_overrides_are_typed_by_the_same_model():
-    o = overrides({"train.steps": 300, "train.lr": "1e-4", "data.root": None})
-    assert o.flat() == {"train.steps": 300, "train.lr": 1e-4, "data.root": None}
+    o = overrides({"train.steps": 300, "train.lr": "1e-4", "data.root": None, "sample": None})
+    assert o.flat() == {"train.steps": 300, "train.lr": 1e-4}  # None: as params.yaml has it
+    assert overrides(o.model_dump()).flat() == o.flat() and overrides(o) is o
     assert overrides({"train": {"steps": 5}}).flat() == {"train.steps": 5} and overrides({}).flat() == {}
     for bad, message in [({"train.stepz": 1}, r"^unknown key train.stepz = 1: allowed keys in train are steps"),
                          ({"train.lr": float("inf")}, r"^train.lr = inf is not allowed: must be a finite number > 0$"),
