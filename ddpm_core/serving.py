@@ -35,7 +35,8 @@ def save_eps_model(path: str | Path, net: nn.Module, schedule: NoiseSchedule, me
                      "meta": meta}, path)
 
 
-def load_eps_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, NoiseSchedule, dict[str, Any]]:
+def load_eps_model(path: str | Path,
+                   device: torch.device | str = "cpu") -> tuple[nn.Module, NoiseSchedule, dict[str, Any]]:
     """(eps network in eval mode on `device`, its NoiseSchedule (float64), meta) from save_eps_model's file."""
     ckpt = load_checkpoint(path, map_location="cpu")
     if ckpt.get("kind") != KIND:

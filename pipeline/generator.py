@@ -39,8 +39,10 @@ def check_settings(settings: dict[str, Any], T: int) -> dict[str, Any]:
         (sampler not in SAMPLERS, f"sampler = {sampler!r}: must be one of {', '.join(SAMPLERS)}"),
         (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 2 <= steps <= T,
          f"steps = {steps!r}: must be an integer in [2, T = {T}]"),
-        (not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0), f"eta = {eta!r}: must be a finite number >= 0"),
-        (sampler == "ancestral" and eta != 0, f"eta = {eta!r} with sampler 'ancestral': eta is a DDIM setting, leave it at 0"),
+        (not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0),
+         f"eta = {eta!r}: must be a finite number >= 0"),
+        (sampler == "ancestral" and eta != 0,
+         f"eta = {eta!r} with sampler 'ancestral': eta is a DDIM setting, leave it at 0"),
         (not isinstance(clip, (bool, np.bool_)), f"clip_x0 = {clip!r}: must be true or false"),
     ]
     for bad, message in problems:

@@ -184,7 +184,8 @@ class Params(BaseModel):
         try:
             make_betas(d.schedule, d.T)
         except ScheduleError as err:
-            raise _refuse(f"diffusion.T = {d.T} does not work with diffusion.schedule = {d.schedule!r}: {err}") from None
+            raise _refuse(f"diffusion.T = {d.T} does not work with diffusion.schedule = {d.schedule!r}: "
+                          f"{err}") from None
         if s.steps != "all" and s.steps > d.T and not s.clamp_steps:
             raise _refuse(f"sample.steps = {s.steps} is not allowed: must be in [2, diffusion.T = {d.T}], or 'all'; "
                           f"set sample.clamp_steps: true to sample min(steps, T) steps")

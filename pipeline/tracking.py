@@ -120,7 +120,8 @@ def generator_signature(meta: dict[str, Any]):
         inputs=Schema([ColSpec("long", "seed")]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *meta["image_shape"]))]),
         params=ParamSchema([ParamSpec("sampler", "string", s["sampler"]), ParamSpec("steps", "long", s["steps"]),
-                            ParamSpec("eta", "double", float(s["eta"])), ParamSpec("clip_x0", "boolean", s["clip_x0"])]))
+                            ParamSpec("eta", "double", float(s["eta"])),
+                            ParamSpec("clip_x0", "boolean", s["clip_x0"])]))
 
 
 def log_generator(mlflow, model: Path, registered_name: str | None, description: str = "",
