@@ -118,10 +118,10 @@ def _x_ticks(ax, xs: list, pos: dict, numeric: bool, name: str) -> None:
 
 
 def write_all(root: Path, name: str, results: list[PointResult], header: str,
-              reference: dict[str, Any] | None = None) -> dict[str, Any]:
-    """summary.csv, summary.md (with verdicts and the seeds table), seeds.csv and sweep.png; returns the
-    paths and the table (`frame`) and verdicts for the caller."""
-    out = sweep_dir(root, name)
+              reference: dict[str, Any] | None = None, out: Path | None = None) -> dict[str, Any]:
+    """summary.csv, summary.md (with verdicts and the seeds table), seeds.csv and sweep.png in `out` (default
+    reports/sweeps/NAME); returns the paths and the table (`frame`) and verdicts for the caller."""
+    out = out or sweep_dir(root, name)
     out.mkdir(parents=True, exist_ok=True)
     ref = analysis.reference_index(results, reference)
     frame = analysis.table(results, ref)

@@ -1,0 +1,209 @@
+"""A study: a committed grid file run as one sweep, with the comparisons it exists for written beside the table.
+
+    python -m flows.study flows/studies/schedule-T-objective.yaml [--gpu] [--concurrency N]
+
+The grid file names the study, its budget (params keys every point gets; `gpu_budget` replaces them with
+--gpu), bundles (one grid value that sets several keys, e.g. `training: improved` = learned_range + hybrid)
+and a list of grids whose cross products are joined. Every point is one DVC experiment of the pipeline, as
+in a sweep (flows/sweep.py): a second run reuses every finished point (its experiment, else DVC's run-cache),
+and points that differ only in sampling keys train once. Results go to reports/studies/NAME/ (NAME-gpu with
+--gpu): the sweep summary, the study's contrasts (flows/study_report.py), plots and a sample sheet per model.
+The MLflow parent run `study-NAME` has a child run per point; the Prefect flow run carries the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+import itertools
+from pathlib import Path
+import sys
+import time
+from typing import Any
+
+import yaml
+
+import flows  # noqa: F401  (telemetry off, server start-up time: before prefect is imported)
+
+from prefect import flow  # noqa: E402
+from prefect.states import Completed, Failed  # noqa: E402
+
+from flows import summary  # noqa: E402
+from flows.points import NAME_RE, Point, PointResult, git  # noqa: E402
+from flows.sweep import log_differences, project_root_env, submit_points, threads_per_point  # noqa: E402
+from pipeline import tracking  # noqa: E402
+from pipeline.params import ParamsError, load_params  # noqa: E402
+
+STUDY_KEYS = {"name", "description", "budget", "gpu_budget", "fixed", "bundles", "grids", "reference"}
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    description: str
+    overrides: dict[str, Any]                     # budget (or gpu_budget) and fixed keys: every point
+    bundles: dict[str, dict[str, dict[str, Any]]]  # axis -> value name -> the params keys it sets
+    grids: list[dict[str, list[Any]]]             # axis -> values, in axis order; joined in list order
+    reference: dict[str, Any]                     # the summary's reference point, in grid terms
+
+    def points(self) -> list[Point]:
+        """Every grid's cross product (first axis slowest), bundles expanded to their keys, in order."""
+        seen: dict[str, Point] = {}
+        extra = tuple(sorted(self.overrides.items()))
+        for grid in self.grids:
+            for combo in itertools.product(*grid.values()):
+                axes: list[tuple[str, Any]] = []
+                for key, value in zip(grid, combo):
+                    axes += list(self.bundles[key][value].items()) if key in self.bundles else [(key, value)]
+                point = Point(tuple(axes), extra)
+                seen.setdefault(point.exp_name(self.name), point)
+        return list(seen.values())
+
+    def reference_axes(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in self.reference.items():
+            out.update(self.bundles[key][value] if key in self.bundles else {key: value})
+        return out
+
+
+def _mapping(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ParamsError(f"{what} must be a mapping of params keys to values")
+    return value
+
+
+def load_study(path: Path, gpu: bool = False) -> Study:
+    """The grid file, checked: one ParamsError line naming the problem (each point's params are checked by
+    params.py when it runs)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ParamsError(f"cannot read the study file {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} is not a study file (a mapping with name, budget, grids)")
+    unknown = set(raw) - STUDY_KEYS
+    if unknown:
+        raise ParamsError(f"{path}: unknown section {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(STUDY_KEYS))})")
+    name = str(raw.get("name", ""))
+    if not NAME_RE.match(name):
+        raise ParamsError(f"{path}: name {name!r} is not allowed: letters, digits, '_', '.', '-' (at most 64)")
+    if gpu and "gpu_budget" not in raw:
+        raise ParamsError(f"{path} has no gpu_budget: --gpu has nothing to apply")
+    budget = {**_mapping(raw.get("budget", {}), "budget"), **(_mapping(raw["gpu_budget"], "gpu_budget") if gpu else {})}
+    bundles = {k: {n: _mapping(v, f"bundle {k}: {n}") for n, v in _mapping(b, f"bundle {k}").items()}
+               for k, b in _mapping(raw.get("bundles", {}), "bundles").items()}
+    grids = raw.get("grids")
+    if not isinstance(grids, list) or not grids:
+        raise ParamsError(f"{path}: grids must be a non-empty list of mappings (axis: [values])")
+    grids = [_check_grid(g, i, bundles) for i, g in enumerate(grids)]
+    if any(list(g) != list(grids[0]) for g in grids):
+        raise ParamsError(f"{path}: every grid must have the same axes in the same order")
+    overrides = {**_mapping(raw.get("fixed", {}), "fixed"), **budget}
+    axis_keys = {k for g in grids for a in g for k in (_bundle_keys(bundles[a]) if a in bundles else [a])}
+    clash = sorted(axis_keys & set(overrides))
+    if clash:
+        raise ParamsError(f"{path}: {clash[0]} is both a grid axis and a budget/fixed key")
+    reference = _mapping(raw.get("reference", {}), "reference")
+    study = Study(name + ("-gpu" if gpu else ""), str(raw.get("description", "")).strip(), overrides, bundles,
+                  grids, reference)
+    for key, value in reference.items():
+        if key not in grids[0] or (key in bundles and value not in bundles[key]):
+            raise ParamsError(f"{path}: reference {key}: {value!r} is not a grid axis value")
+    return study
+
+
+def _bundle_keys(bundle: dict[str, dict[str, Any]]) -> list[str]:
+    keys = [list(v) for v in bundle.values()]
+    return keys[0] if keys else []
+
+
+def _check_grid(grid: Any, i: int, bundles: dict) -> dict[str, list[Any]]:
+    if not isinstance(grid, dict) or not grid:
+        raise ParamsError(f"grid {i + 1} must be a mapping of axes to lists of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ParamsError(f"grid {i + 1}: {key} needs a non-empty list of values")
+        if key in bundles:
+            missing = [v for v in values if v not in bundles[key]]
+            if missing:
+                raise ParamsError(f"grid {i + 1}: {key} = {missing[0]!r} is not one of {', '.join(bundles[key])}")
+            if len({tuple(b) for b in bundles[key].values()}) != 1:
+                raise ParamsError(f"bundle {key}: every value must set the same keys")
+        elif "." not in key:
+            raise ParamsError(f"grid {i + 1}: {key} is neither a params key (section.key) nor a bundle")
+    return grid
+
+
+def study_dir(root: Path, name: str) -> Path:
+    return root / "reports" / "studies" / name
+
+
+@flow(name="ddpm-study", log_prints=True, validate_parameters=True)
+def study(path: str, gpu: bool = False, concurrency: int = 1, project: str | None = None):
+    """Run the study a grid file describes (see flows/studies/), or reuse its finished points, and write its
+    summary, contrasts, plots and sample sheets to reports/studies/NAME/. gpu: the file's larger gpu_budget."""
+    root = Path(project or ".").resolve()
+    spec = load_study(root / path if not Path(path).is_absolute() else Path(path), gpu)
+    if concurrency < 1:
+        raise ParamsError(f"concurrency = {concurrency} is not allowed: must be >= 1")
+    overrides = dict(spec.overrides)
+    if concurrency > 1 and "train.threads" not in overrides:
+        overrides["train.threads"] = threads_per_point(concurrency)
+        spec = Study(spec.name, spec.description, overrides, spec.bundles, spec.grids, spec.reference)
+    experiment = load_params(root / "params.yaml").mlflow["experiment"]
+    with project_root_env(root):
+        return _run_study(root, spec, concurrency, experiment)
+
+
+def _run_study(root: Path, spec: Study, concurrency: int, experiment: str):
+    from flows import study_report
+
+    start, points = time.perf_counter(), spec.points()
+    parent = tracking.start_parent_run(
+        experiment, f"study-{spec.name}", {"study.grids": spec.grids, "study.overrides": spec.overrides,
+                                           "study.bundles": spec.bundles, "study.points": len(points)},
+        {"study": spec.name, "sweep": spec.name})
+    results: list[PointResult] = []
+    files: dict[str, Path] = {}
+    try:
+        results = submit_points(root, spec.name, points, parent, concurrency, None)
+    finally:
+        ok = sum(r.status == "ok" for r in results)
+        message = f"{ok} of {len(points)} points succeeded"
+        header = (f"{message} in {time.perf_counter() - start:.0f} s; commit {git(root, 'rev-parse', 'HEAD')[:10]}; "
+                  f"every point: {spec.overrides}; MLflow parent run {parent}")
+        out = study_dir(root, spec.name)
+        summary_ = summary.write_all(root, spec.name, results, header, spec.reference_axes(), out) if results else None
+        if summary_:
+            files = {**summary_["files"], **study_report.write_all(root, spec, results, out)}
+            summary.publish_prefect(spec.name, summary_, header)
+            log_differences(experiment, results, summary_["frame"])
+        tracking.finish_parent_run(
+            experiment, parent, {"points_ok": ok, "points_failed": len(points) - ok}, list(files.values()),
+            "FINISHED" if results and ok == len(points) else "FAILED", {"summary": message})
+    print(f"study {spec.name}: {message}; results in {study_dir(root, spec.name)}")
+    if ok == len(points):
+        return Completed(message=message)
+    return Failed(message=message + "; failed: " + "; ".join(f"{r.label}: {r.reason}" for r in results
+                                                             if r.status != "ok"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.study", description=__doc__.splitlines()[0])
+    ap.add_argument("path", help="the study's grid file, e.g. flows/studies/schedule-T-objective.yaml")
+    ap.add_argument("--gpu", action="store_true", help="the file's gpu_budget (train.device: auto uses the GPU)")
+    ap.add_argument("--concurrency", type=int, default=1, help="points at once (default 1)")
+    args = ap.parse_args(argv)
+    try:
+        spec = load_study(Path(args.path), args.gpu)
+        print(f"study {spec.name}: {len(spec.points())} points")
+    except ParamsError as e:
+        print(f"error: study: {e}", file=sys.stderr)
+        return 2
+    state = study(args.path, args.gpu, args.concurrency, return_state=True)
+    print(state.message)
+    return 0 if state.is_completed() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

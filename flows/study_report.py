@@ -1,0 +1,335 @@
+"""What a study writes beside its sweep summary: the contrasts its claims rest on, three plots and a sample sheet
+per trained model, all read back from the points' experiment commits.
+
+A *model* is a point without its sampling keys (sample.*): the points of one model share the trained network
+and its bits/dim (same evaluate.seed: same images and draws), and differ in the samples they draw.
+
+Contrasts (contrasts.csv, contrasts.md): a minus b, where b differs from a in one axis only; each a paired
+difference with its 95% interval (flows/analysis.py); bits/dim once per model, FID-proxy at every step count:
+    T         each T minus the next smaller one
+    steps     each step count minus the largest (FID-proxy only)
+    any other axis (schedule, a bundle such as training, seed)   each value minus the grid's first value;
+              the seed rows show how far training noise alone moves the same numbers
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ddpm_core.stats import Estimate
+
+from . import analysis
+from .points import PointResult, read_exp_file, short_key
+from .summary import fmt
+
+if TYPE_CHECKING:
+    from .study import Study
+
+SAMPLE_PREFIX = "sample."
+STEPS_KEY = "sample.steps"
+SEED_KEY = analysis.SEED_KEY
+SHEET_IMAGES = 36
+
+
+# --- points as a table -----------------------------------------------------------------------------------
+def axis_names(spec: "Study", axes: dict[str, Any]) -> dict[str, Any]:
+    """A point's axes as the grid file names them: bundle keys folded back into the bundle's value name."""
+    out = {}
+    for axis in spec.grids[0]:
+        if axis in spec.bundles:
+            out[axis] = next((value for value, keys in spec.bundles[axis].items()
+                              if all(axes.get(k) == v for k, v in keys.items())), None)
+        else:
+            out[short_key(axis, tuple(spec.grids[0]))] = axes.get(axis)
+    return out
+
+
+def model_of(spec: "Study", r: PointResult) -> tuple:
+    return tuple((k, v) for k, v in axis_names(spec, r.axes).items() if not _is_sampling(spec, k))
+
+
+def _is_sampling(spec: "Study", name: str) -> bool:
+    return axis_of(spec).get(name, "").startswith(SAMPLE_PREFIX)
+
+
+def model_label(model: tuple) -> str:
+    return ", ".join(f"{k} {v}" if k in ("T", "seed") else str(v) for k, v in model)
+
+
+# --- contrasts -------------------------------------------------------------------------------------------
+def _row(axis: str, metric: str, a: PointResult, b: PointResult, est: Estimate | None, spec: "Study") -> dict:
+    names_a, names_b = axis_names(spec, a.axes), axis_names(spec, b.axes)
+    same = {k: v for k, v in names_a.items() if names_b.get(k) == v}
+    varies = {k: (v, names_b.get(k)) for k, v in names_a.items() if names_b.get(k) != v}
+    row = {"axis": axis, "metric": metric, **same,
+           "a": ", ".join(f"{k} {v}" for k, (v, _) in varies.items()),
+           "b": ", ".join(f"{k} {w}" for k, (_, w) in varies.items()),
+           "a_value": a.metrics.get(metric), "b_value": b.metrics.get(metric)}
+    if est is None:
+        return {**row, "diff": None, "ci_low": None, "ci_high": None, "verdict": "not comparable"}
+    verdict = "a lower" if est.ci_high < 0 else "a higher" if est.ci_low > 0 else "no difference detected"
+    return {**row, "diff": est.mean, "ci_low": est.ci_low, "ci_high": est.ci_high, "verdict": verdict}
+
+
+def axis_of(spec: "Study") -> dict[str, str]:
+    """Name in tables (bundle name, or the params key's short form) -> the grid file's axis."""
+    keys = tuple(spec.grids[0])
+    return {(a if a in spec.bundles else short_key(a, keys)): a for a in keys}
+
+
+def _pairs(spec: "Study", points: list[PointResult], name: str, pick_b, metrics: tuple[str, ...]) -> list[dict]:
+    """Every point a against the point b that differs from it only in axis `name`, b's value chosen by
+    pick_b(a's value, the axis's values in grid order)."""
+    axis = axis_of(spec)[name]
+    values = list(dict.fromkeys(v for g in spec.grids for v in g.get(axis, [])))
+    index = {tuple(sorted((k, str(v)) for k, v in axis_names(spec, r.axes).items())): r for r in points}
+    rows = []
+    for a in points:
+        names = axis_names(spec, a.axes)
+        b_value = pick_b(names[name], values)
+        if b_value is None or b_value == names[name]:
+            continue
+        b = index.get(tuple(sorted((k, str(b_value if k == name else v)) for k, v in names.items())))
+        for metric in metrics if b is not None else ():
+            est = analysis.bpd_difference(a, b) if metric == "bpd" else analysis.fid_difference(a, b)
+            rows.append(_row(name, metric, a, b, est, spec))
+    return rows
+
+
+def _first(value, values):
+    return values[0] if values else None
+
+
+def _next_smaller(value, values):
+    smaller = [v for v in values if v < value]
+    return max(smaller) if smaller else None
+
+
+def _largest(value, values):
+    return max(values) if values else None
+
+
+RULES = {"T": (_next_smaller, ("bpd", "fid_proxy")), "steps": (_largest, ("fid_proxy",))}  # else: _first, both
+
+
+def contrasts(spec: "Study", results: list[PointResult]) -> pd.DataFrame:
+    """Every axis's contrasts (see the module's doc), axes in grid order; bits/dim once per model."""
+    ok = [r for r in results if r.status == "ok"]
+    per_model = _one_point_per_model(spec, ok)
+    rows: list[dict] = []
+    for name in axis_of(spec):
+        pick, metrics = RULES.get(name, (_first, ("bpd", "fid_proxy")))
+        for metric in metrics:
+            rows += _pairs(spec, per_model if metric == "bpd" else ok, name, pick, (metric,))
+    return pd.DataFrame(rows)
+
+
+def _one_point_per_model(spec: "Study", ok: list[PointResult]) -> list[PointResult]:
+    """The model's point with the most sampling steps: every point of a model has the same bits/dim."""
+    best: dict[tuple, PointResult] = {}
+    for r in ok:
+        key = model_of(spec, r)
+        if key not in best or r.metrics.get("sample_steps", 0) > best[key].metrics.get("sample_steps", 0):
+            best[key] = r
+    return list(best.values())
+
+
+def contrasts_markdown(name: str, frame: pd.DataFrame) -> str:
+    parts = [f"# Study {name}: contrasts", "",
+             "Each row: a minus b, paired (bits/dim: the same test images and noise draws; FID-proxy: bootstrap "
+             "with the same reference images), with its 95% interval. The intervals cover the estimator's noise "
+             "for the two trained models as they are; the `seed` rows show how far training noise alone moves "
+             "the same numbers.", ""]
+    if frame.empty:
+        return "\n".join(parts + ["No contrasts: no two points differ in one axis.", ""])
+    for axis, rows in frame.groupby("axis", sort=False):
+        cols = [c for c in rows.columns if c != "axis" and rows[c].notna().any()]
+        parts += [f"## {axis}", "", _md(rows, cols), ""]
+    return "\n".join(parts)
+
+
+def _md(frame: pd.DataFrame, cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+# --- plots -----------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(spec: "Study", model: dict[str, Any]) -> dict[str, Any]:
+    schedules = ["linear", "cosine", "sigmoid", "quadratic"]
+    bundle = next(iter(spec.bundles), None)
+    kinds = list(spec.bundles[bundle]) if bundle else []
+    color = f"C{schedules.index(model['schedule']) if model.get('schedule') in schedules else 4}"
+    ls = ["-", "--", ":", "-."][kinds.index(model[bundle]) % 4] if bundle in model else "-"
+    return {"color": color, "ls": ls}
+
+
+def _err(m: dict, key: str) -> list[list[float]]:
+    return [[m[key] - m[f"{key}_ci_low"]], [m[f"{key}_ci_high"] - m[key]]]
+
+
+def plot_bpd_vs_T(spec: "Study", results: list[PointResult], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    lines: dict[tuple, list[tuple[dict, PointResult]]] = {}
+    for r in _one_point_per_model(spec, [r for r in results if r.status == "ok"]):
+        names = dict(model_of(spec, r))
+        lines.setdefault(tuple((k, v) for k, v in names.items() if k not in ("T", "seed")), []).append((names, r))
+    for line, members in lines.items():
+        style = _style(spec, dict(line))
+        Ts = sorted({n["T"] for n, _ in members})
+        means = [np.mean([r.metrics["bpd"] for n, r in members if n["T"] == T]) for T in Ts]
+        ax.plot(Ts, means, label=", ".join(str(v) for _, v in line), **style)
+        for n, r in members:
+            shift = 1 + 0.04 * (n.get("seed", 0) or 0)
+            ax.errorbar([n["T"] * shift], [r.metrics["bpd"]], yerr=_err(r.metrics, "bpd"), fmt="o", ms=4,
+                        capsize=3, color=style["color"], alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("T (diffusion steps)")
+    ax.set_ylabel("negative ELBO (bits/dim)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{spec.name}: bits/dim against T\n95% intervals (test images, noise); one marker per seed",
+                 fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fid_vs_steps(spec: "Study", results: list[PointResult], path: Path) -> None:
+    plt = _plt()
+    ok = [r for r in results if r.status == "ok"]
+    Ts = sorted({axis_names(spec, r.axes).get("T") for r in ok}, key=lambda v: (v is None, v))
+    fig, axes = plt.subplots(1, max(1, len(Ts)), figsize=(4.2 * max(1, len(Ts)), 4.2), sharey=True,
+                             constrained_layout=True, squeeze=False)
+    for ax, T in zip(axes[0], Ts):
+        models: dict[tuple, list[PointResult]] = {}
+        for r in ok:
+            if axis_names(spec, r.axes).get("T") == T:
+                models.setdefault(model_of(spec, r), []).append(r)
+        for model, members in models.items():
+            names = dict(model)
+            style = _style(spec, names)
+            members.sort(key=lambda r: r.metrics["sample_steps"])
+            seed = names.get("seed", 0) or 0
+            xs = [r.metrics["sample_steps"] * (1 + 0.04 * seed) for r in members]
+            ax.errorbar(xs, [r.metrics["fid_proxy"] for r in members],
+                        yerr=np.hstack([_err(r.metrics, "fid_proxy") for r in members]), capsize=3, ms=4, fmt="o",
+                        label=", ".join(str(v) for k, v in model if k != "T"), alpha=0.9 if seed == 0 else 0.5,
+                        **style)
+        if ok:
+            ax.axhline(min(r.metrics["fid_proxy_floor"] for r in ok), color="grey", ls=":", label="real-vs-real floor")
+        ax.set_xscale("log")
+        ax.set_title(f"T = {T}", fontsize=9)
+        ax.set_xlabel("sampling steps (respaced)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("FID-proxy")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{spec.name}: FID-proxy against sampling steps, per trained model (95% intervals)", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bpd_per_t(spec: "Study", curves: dict[tuple, np.ndarray], path: Path) -> None:
+    """The bound's terms against t, one panel per T, the first seed of every schedule and bundle value."""
+    plt = _plt()
+    Ts = sorted({dict(m).get("T") for m in curves})
+    fig, axes = plt.subplots(1, max(1, len(Ts)), figsize=(4.2 * max(1, len(Ts)), 4.2), sharey=True,
+                             constrained_layout=True, squeeze=False)
+    for ax, T in zip(axes[0], Ts):
+        for model, terms in curves.items():
+            names = dict(model)
+            if names.get("T") != T:
+                continue
+            t = np.arange(1, len(terms) + 1)
+            ax.plot(t, np.maximum(terms, 1e-6), label=", ".join(str(v) for k, v in model if k not in ("T", "seed")),
+                    **_style(spec, names))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"T = {T}", fontsize=9)
+        ax.set_xlabel("t")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("bits/dim of the term L_{t-1} (L_0 at t = 1)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{spec.name}: where the bound lives (exact at small t and t = T, per geometric bin between)",
+                 fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sample_sheet(panels: list[tuple[str, np.ndarray]], path: Path, title: str) -> None:
+    """One row of 6x6 sample grids, one per point of a model (e.g. per step count)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), constrained_layout=True,
+                             squeeze=False)
+    for ax, (label, images) in zip(axes[0], panels):
+        ax.imshow(_tile(images[:SHEET_IMAGES]), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _tile(images: np.ndarray, pad: int = 1) -> np.ndarray:
+    n, c, h, w = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, cols)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img[0]
+    return out
+
+
+# --- everything ------------------------------------------------------------------------------------------
+def write_all(root: Path, spec: "Study", results: list[PointResult], out: Path) -> dict[str, Path]:
+    ok = [r for r in results if r.status == "ok"]
+    files = {"contrasts_csv": out / "contrasts.csv", "contrasts_md": out / "contrasts.md",
+             "bpd_vs_T": out / "bpd_vs_T.png", "fid_vs_steps": out / "fid_vs_steps.png",
+             "bpd_per_t": out / "bpd_per_t.png"}
+    frame = contrasts(spec, results)
+    frame.to_csv(files["contrasts_csv"], index=False)
+    files["contrasts_md"].write_text(contrasts_markdown(spec.name, frame))
+    plot_bpd_vs_T(spec, results, files["bpd_vs_T"])
+    plot_fid_vs_steps(spec, results, files["fid_vs_steps"])
+    curves = {}
+    for r in _one_point_per_model(spec, ok):
+        model = model_of(spec, r)
+        if dict(model).get("seed", 0) in (0, None):
+            text = read_exp_file(root, r.exp_rev, "reports/bpd_per_t.csv")
+            curves[model] = pd.read_csv(io.StringIO(text))["bpd"].to_numpy()
+    plot_bpd_per_t(spec, curves, files["bpd_per_t"])
+    sheets = out / "samples"
+    sheets.mkdir(exist_ok=True)
+    by_model: dict[tuple, list[PointResult]] = {}
+    for r in ok:
+        by_model.setdefault(model_of(spec, r), []).append(r)
+    for model, members in by_model.items():
+        panels = []
+        for r in sorted(members, key=lambda r: r.metrics["sample_steps"]):
+            with np.load(io.BytesIO(read_exp_file(root, r.exp_rev, "build/samples.npz", binary=True))) as z:
+                images = z["images"]
+            m = r.metrics
+            panels.append((f"{m['sample_steps']:.0f} steps: FID-proxy {m['fid_proxy']:.1f} "
+                           f"({m['fid_proxy_ci_low']:.1f}-{m['fid_proxy_ci_high']:.1f})", images))
+        name = "-".join(str(v) for _, v in model)
+        files[f"samples_{name}"] = sheets / f"{name}.png"
+        bpd = members[0].metrics
+        sample_sheet(panels, files[f"samples_{name}"], f"{model_label(model)}: bits/dim {bpd['bpd']:.3f} "
+                     f"({bpd['bpd_ci_low']:.3f}-{bpd['bpd_ci_high']:.3f})")
+    return files
