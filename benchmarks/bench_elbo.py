@@ -41,11 +41,11 @@ DESIGNS = ((1, 1), (1, 3), (2, 6), (4, 4), (6, 10), (10, 6))  # (exact_t, draws)
 
 
 def run(net, schedule, data, design: BoundDesign, n: int, seed: int, p) -> dict:
-    pick = np.random.default_rng(p.evaluate["seed"]).permutation(len(data.test_images))[:n]
+    pick = np.random.default_rng(p.evaluate.seed).permutation(len(data.test_images))[:n]
     x0 = to_model_range(data.test_images[pick])
     start = time.perf_counter()
-    est = estimate_bound(net, schedule, x0, pick, design, p.diffusion["variance"], p.diffusion["objective"],
-                         p.evaluate["chunk_size"], seed, progress=True)
+    est = estimate_bound(net, schedule, x0, pick, design, p.diffusion.variance, p.diffusion.objective,
+                         p.evaluate.chunk_size, seed, progress=True)
     seconds = time.perf_counter() - start
     return {"exact_t": design.exact_t, "draws": design.draws, "images": n, "passes": est.network_passes,
             "seed": seed, "bpd": est.total.mean, "stderr": est.total.stderr, "ci_low": est.total.ci_low,
@@ -62,10 +62,10 @@ def main() -> None:
     p = load_params(ROOT / "params.yaml")
     net, _, schedule = load_ema_model(torch.device("cpu"))
     data = load_prepared()
-    T, budget = schedule.T, p.evaluate["bpd_passes"]
+    T, budget = schedule.T, p.evaluate.bpd_passes
     default = bound_design(p.evaluate, T)
     n_default = budget // default.passes_per_image()
-    ref = run(net, schedule, data, BoundDesign(T, 0), args.ref_images, p.evaluate["seed"], p)
+    ref = run(net, schedule, data, BoundDesign(T, 0), args.ref_images, p.evaluate.seed, p)
     per_image_sd = float(np.std(ref["per_image"], ddof=1))
     same = [run(net, schedule, data, default, args.ref_images, 10 + seed, p) for seed in range(args.reps)]
     per_image = np.mean([r["per_image"] for r in same], axis=0) - np.array(ref["per_image"])

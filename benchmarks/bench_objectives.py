@@ -67,10 +67,10 @@ def params_for(name: str) -> Params:
 
 
 def train_model(name: str, p: Params, images: torch.Tensor) -> tuple[torch.nn.Module, NoiseSchedule, dict]:
-    torch.manual_seed(p.train["seed"])
-    net = build_unet(p.model, 1, 28, output_channels(1, p.diffusion["variance"]))
-    schedule = NoiseSchedule.named(p.diffusion["schedule"], p.diffusion["T"])
-    path = ARGS.work / f"{name}-{p.train['steps']}.pt"
+    torch.manual_seed(p.train.seed)
+    net = build_unet(p.model.model_dump(), 1, 28, output_channels(1, p.diffusion.variance))
+    schedule = NoiseSchedule.named(p.diffusion.schedule, p.diffusion.T)
+    path = ARGS.work / f"{name}-{p.train.steps}.pt"
     start = time.perf_counter()
     res = train(net, schedule, images, train_config(p), path, progress=False)
     seconds = time.perf_counter() - start
@@ -83,10 +83,10 @@ def score_bpd(model, schedule, p: Params, data) -> dict:
     """The negative ELBO as `evaluate` computes it: the same images, noise and t draws for every model."""
     design = bound_design(p.evaluate, schedule.T)
     n = min(len(data.test_images), ARGS.bpd_passes // design.passes_per_image())
-    pick = np.random.default_rng(p.evaluate["seed"]).permutation(len(data.test_images))[:n]
+    pick = np.random.default_rng(p.evaluate.seed).permutation(len(data.test_images))[:n]
     start = time.perf_counter()
     est = estimate_bound(model, schedule, to_model_range(data.test_images[pick]), pick, design,
-                         p.diffusion["variance"], p.diffusion["objective"], 250, p.evaluate["seed"])
+                         p.diffusion.variance, p.diffusion.objective, 250, p.evaluate.seed)
     t = est.total
     return {"bpd": t.mean, "bpd_se": t.stderr, "bpd_ci_low": t.ci_low, "bpd_ci_high": t.ci_high, "n_bpd": n,
             "bpd_network_passes": est.network_passes, "decoder_bpd": est.decoder_bpd,
@@ -97,7 +97,7 @@ def score_bpd(model, schedule, p: Params, data) -> dict:
 def score_samples(model, schedule, p: Params, sampler: str, steps: int, featurize, data, tag: str) -> dict:
     start = time.perf_counter()
     x = draw_samples(model, schedule, ARGS.n_fid, (1, 28, 28), seed=0, sampler=sampler, steps=steps, eta=0.0,
-                     batch_size=250, variance=p.diffusion["variance"], objective=p.diffusion["objective"],
+                     batch_size=250, variance=p.diffusion.variance, objective=p.diffusion.objective,
                      clip_x0=True, progress=False)
     seconds = time.perf_counter() - start
     images = from_model_range(x)
@@ -120,7 +120,7 @@ def fid_paired(default: dict, other: dict) -> dict:
 
 
 def evaluate_one(name: str, p: Params, data, featurize) -> dict:
-    print(f"{name}: training {p.train['steps']} steps", flush=True)
+    print(f"{name}: training {p.train.steps} steps", flush=True)
     model, schedule, result = train_model(name, p, torch.from_numpy(data.train_images))
     print(f"{name}: {result}", flush=True)
     result.update(score_bpd(model, schedule, p, data))

@@ -42,17 +42,17 @@ OUT = ROOT / "reports" / "benchmarks"
 
 def train_ours(images: torch.Tensor, seconds: float) -> tuple[torch.Tensor, int, dict]:
     p = load_params(ROOT / "params.yaml")
-    torch.manual_seed(p.train["seed"])
-    net = build_unet(p.model, 1, 28)
-    schedule = NoiseSchedule.named(p.diffusion["schedule"], p.diffusion["T"])
+    torch.manual_seed(p.train.seed)
+    net = build_unet(p.model.model_dump(), 1, 28)
+    schedule = NoiseSchedule.named(p.diffusion.schedule, p.diffusion.T)
     trainer = Trainer(net, schedule, images, train_config(p), torch.device("cpu"))
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         trainer.train_step()
     model = trainer.ema.module.eval()
     t0 = time.perf_counter()
-    x = draw_samples(model, schedule, ARGS.n, (1, 28, 28), seed=0, sampler=p.sample["sampler"],
-                     steps=sample_steps(p.sample, schedule.T), eta=p.sample["eta"], batch_size=250, clip_x0=p.sample["clip_x0"])
+    x = draw_samples(model, schedule, ARGS.n, (1, 28, 28), seed=0, sampler=p.sample.sampler,
+                     steps=sample_steps(p.sample, schedule.T), eta=p.sample.eta, batch_size=250, clip_x0=p.sample.clip_x0)
     return from_model_range(x), trainer.step, {"sample_seconds": time.perf_counter() - t0, "config": p.flat()}
 
 

@@ -36,20 +36,24 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 HYBRID_LAMBDA_T = 1000.0  # the vb term is scaled by T / 1000: lambda = 0.001 on the sum of T terms
 
 
-def check_objective(loss: Loss, variance: Variance, weighting: LossWeighting) -> None:
-    """The combinations that train something sensible; the params check reports the same with key names."""
+def check_objective(loss: Loss, variance: Variance, weighting: LossWeighting,
+                    names: dict[str, str] | None = None) -> None:
+    """The combinations that train something sensible: the one place this rule is written. `names` says what
+    to call the three settings in the message (the params check passes its keys, e.g. 'train.loss')."""
+    n = {"loss": "loss", "variance": "variance", "weighting": "loss_weighting", **(names or {})}
     if loss not in LOSSES:
-        raise ValueError(f"unknown loss '{loss}'; choose one of {', '.join(LOSSES)}")
+        raise ValueError(f"unknown {n['loss']} '{loss}'; choose one of {', '.join(LOSSES)}")
     if weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting '{weighting}'; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+        raise ValueError(f"unknown {n['weighting']} '{weighting}'; choose one of {', '.join(LOSS_WEIGHTINGS)}")
     if loss in ("hybrid", "vlb") and variance != "learned_range":
-        raise ValueError(f"loss '{loss}' needs variance 'learned_range' (with a fixed variance it adds nothing "
-                         f"that L_simple does not train)")
+        raise ValueError(f"{n['loss']} = {loss!r} is not allowed with {n['variance']} = {variance!r}: it trains "
+                         f"the variance, set {n['variance']} = 'learned_range'")
     if loss == "simple" and variance == "learned_range":
-        raise ValueError("variance 'learned_range' needs loss 'hybrid' or 'vlb': L_simple gives the variance "
-                         "channels no gradient")
+        raise ValueError(f"{n['variance']} = 'learned_range' is not allowed with {n['loss']} = 'simple': L_simple "
+                         f"gives the variance no gradient, use {n['loss']} = 'hybrid' or 'vlb'")
     if loss == "vlb" and weighting != "none":
-        raise ValueError("loss 'vlb' is the bound itself and takes no loss weighting")
+        raise ValueError(f"{n['weighting']} = {weighting!r} is not allowed with {n['loss']} = 'vlb': the bound is "
+                         f"never reweighted, use 'none'")
 
 
 def min_snr_weight(s: NoiseSchedule, t: torch.Tensor, objective: Objective, gamma: float) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """Samplers: ancestral (Ho's Algorithm 2), respaced to K < T steps, and DDIM(eta).
 
 The sampler never owns the network. Every sampler draws x_T first and then one noise tensor per step that
-adds noise, all from one seeded generator, so a sample is a function of (network, schedule, seed).
+adds noise, all from one seeded generator, so a sample is a function of (network, schedule, seed). Given a
+list of generators, one per row, row i draws only from generator i: `sample_seeds` gives each image its own
+seed, so an image does not depend on the others it is batched with.
 DDIM with eta = 1 on the full grid draws the same noise as ancestral sampling and gives the same result.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +23,19 @@ SAMPLERS = ("ancestral", "ddim")
 # on_step(i, x_t, x0_hat): called once per step, before the update, with the 0-based index i into the
 # sampler's schedule, the current x_t and the predicted x_0 [N, C, H, W]; it must not modify them.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+Generators = torch.Generator | Sequence[torch.Generator]  # one for the batch, or one per row
+
+
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device | str) -> torch.Tensor:
+    """N(0, I) of `shape`; with a list of generators, row i is drawn from generator i alone."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device)
+    return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+
+
+def seeded_generator(seed: int, batch: int, device: torch.device | str) -> torch.Generator:
+    """The generator of batch `batch` of a run with `seed`: sample()'s batches and sample_seeds()'s rows."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch)
 
 
 def _steps(s: NoiseSchedule, progress: bool, desc: str):
@@ -28,12 +43,12 @@ def _steps(s: NoiseSchedule, progress: bool, desc: str):
 
 
 @torch.no_grad()
-def ancestral_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], generator: torch.Generator,
+def ancestral_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], generator: Generators,
                      variance: Variance = "fixed_small", objective: Objective = "eps", clip_x0: bool = False,
                      device: torch.device | str = "cpu", progress: bool = False,
                      on_step: StepCallback | None = None) -> torch.Tensor:
     """Algorithm 2: x_T ~ N(0, I); x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step."""
-    x = torch.randn(shape, generator=generator, device=device)
+    x = randn(shape, generator, device)
     for i in _steps(s, progress, "ancestral"):
         t = torch.full((shape[0],), i, dtype=torch.long, device=device)
         p = p_mean_variance(model, s, x, t, variance=variance, objective=objective, clip_x0=clip_x0)
@@ -41,7 +56,7 @@ def ancestral_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], 
             on_step(i, x, p["pred_x0"])
         x = p["mean"]
         if i > 0:
-            x = x + torch.exp(0.5 * p["log_variance"]) * torch.randn(shape, generator=generator, device=device)
+            x = x + torch.exp(0.5 * p["log_variance"]) * randn(shape, generator, device)
     return x
 
 
@@ -54,7 +69,7 @@ def ddim_coefficients(s: NoiseSchedule, eta: float) -> tuple[np.ndarray, np.ndar
 
 
 @torch.no_grad()
-def ddim_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], generator: torch.Generator,
+def ddim_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], generator: Generators,
                 eta: float = 0.0, objective: Objective = "eps", clip_x0: bool = False,
                 device: torch.device | str = "cpu", progress: bool = False,
                 variance: Variance = "fixed_small", on_step: StepCallback | None = None) -> torch.Tensor:
@@ -67,7 +82,7 @@ def ddim_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], gener
     """
     sigmas, eps_coefs = ddim_coefficients(s, eta)  # float64, cast at use like every schedule array
     sqrt_abar_prev = np.sqrt(s.alphas_cumprod_prev)
-    x = torch.randn(shape, generator=generator, device=device)
+    x = randn(shape, generator, device)
     for i in _steps(s, progress, f"ddim(eta={eta})"):
         t = torch.full((shape[0],), i, dtype=torch.long, device=device)
         p = p_mean_variance(model, s, x, t, variance=variance, objective=objective, clip_x0=clip_x0)
@@ -75,7 +90,7 @@ def ddim_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], gener
             on_step(i, x, p["pred_x0"])
         x = extract(sqrt_abar_prev, t, x) * p["pred_x0"] + extract(eps_coefs, t, x) * p["pred_eps"]
         if i > 0:
-            x = x + extract(sigmas, t, x) * torch.randn(shape, generator=generator, device=device)
+            x = x + extract(sigmas, t, x) * randn(shape, generator, device)
     return x
 
 
@@ -95,10 +110,31 @@ def sample(model: EpsModel, schedule: NoiseSchedule, n: int, image_shape: tuple[
     batches = range(0, n, batch_size)
     for b, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
         shape = (min(batch_size, n - start), *image_shape)
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+        g = seeded_generator(seed, b, device)
         if sampler == "ancestral":
             x = ancestral_sample(model, s, shape, g, variance, objective, clip_x0, device, progress)
         else:
             x = ddim_sample(model, s, shape, g, eta, objective, clip_x0, device, progress, variance)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def sample_seeds(model: EpsModel, schedule: NoiseSchedule, seeds: Sequence[int], image_shape: tuple[int, int, int],
+                 sampler: Sampler = "ancestral", steps: int | None = None, eta: float = 0.0, batch_size: int = 256,
+                 variance: Variance = "fixed_small", objective: Objective = "eps", clip_x0: bool = True,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """One sample per seed in [-1, 1], [len(seeds), C, H, W]: image i is `sample(..., n=1, seed=seeds[i])`
+    (its own generator), batched `batch_size` rows at a time for speed."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    s = schedule if steps is None or steps == schedule.T else respace(schedule, steps)
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        gens = [seeded_generator(int(seed), 0, device) for seed in seeds[start:start + batch_size]]
+        shape = (len(gens), *image_shape)
+        if sampler == "ancestral":
+            x = ancestral_sample(model, s, shape, gens, variance, objective, clip_x0, device)
+        else:
+            x = ddim_sample(model, s, shape, gens, eta, objective, clip_x0, device, variance=variance)
+        out.append(x.clamp(-1, 1).cpu())
+    return torch.cat(out) if out else torch.empty(0, *image_shape)

@@ -39,7 +39,7 @@ from flows.points import (  # noqa: E402
     make_grid, parse_grid, parse_set, point_params_error, tool_env,
 )
 from pipeline import tracking  # noqa: E402
-from pipeline.params import ParamsError, load_params  # noqa: E402
+from pipeline.params import Overrides, ParamsError, load_params, overrides as typed_overrides  # noqa: E402
 
 Schedule = Literal["linear", "quadratic", "cosine", "sigmoid"]
 GridValue = int | float | bool | str | list[int] | None  # a params value: number, choice, flag, list (channel_mults)
@@ -159,26 +159,27 @@ def check_sweep(root: Path, name: str, concurrency: int, deployment: str | None)
 
 @flow(name="ddpm-sweep", log_prints=True, validate_parameters=True)
 def sweep(name: str, schedules: list[Schedule] | None = None, T: list[int] | None = None,
-          overrides: dict[str, Any] | None = None, concurrency: int = 1, deployment: str | None = None,
+          overrides: Overrides | None = None, concurrency: int = 1, deployment: str | None = None,
           project: str | None = None, grid: dict[str, list[GridValue]] | None = None, seeds: list[int] | None = None,
           reference: dict[str, GridValue] | None = None):
     """Cross every grid key's values, run every point as a DVC experiment, and compare them with a reference.
 
     schedules, T, seeds: shortcuts for grid keys diffusion.schedule, diffusion.T, train.seed. grid: any other
-    params keys, e.g. {"train.loss": ["simple", "hybrid"]}. overrides: fixed keys for every point, e.g.
-    {"train.steps": 300}. reference: the point the others are compared with (default: the first of the grid),
+    params keys, e.g. {"train.loss": ["simple", "hybrid"]}. overrides: fixed keys for every point, typed by
+    section as params.yaml has them (a form in the UI), e.g. {"train": {"steps": 300}} or {"train.steps": 300}.
+    reference: the point the others are compared with (default: the first of the grid),
     e.g. {"diffusion.schedule": "linear", "diffusion.T": 100}. concurrency: points at once (torch threads
     are split between them unless train.threads is given). deployment: run the points on a work pool through
     this deployment of `ddpm-sweep-point`. project: the project's folder (default: the current directory).
     """
     root = Path(project or ".").resolve()
-    overrides = dict(overrides or {})
+    overrides = typed_overrides(overrides or {}).flat()
     check_sweep(root, name, concurrency, deployment)
     axes = combine_axes(schedules, T, grid, seeds)
     if concurrency > 1 and "train.threads" not in overrides and "train.threads" not in axes:
         overrides["train.threads"] = threads_per_point(concurrency)
     points = make_grid(axes, overrides)
-    experiment = load_params(root / "params.yaml").mlflow["experiment"]
+    experiment = load_params(root / "params.yaml").mlflow.experiment
     with project_root_env(root):
         return _run_sweep(root, name, axes, overrides, concurrency, deployment, points, experiment, reference)
 
@@ -216,6 +217,7 @@ def _run_sweep(root, name, axes, overrides, concurrency, deployment, grid, exper
         if summary_:
             summary.publish_prefect(name, summary_, header)
             log_differences(experiment, results, summary_["frame"])
+            alias_best(results)
         tracking.finish_parent_run(
             experiment, parent, {"points_ok": ok, "points_failed": len(grid) - ok}, list(files.values()),
             "FINISHED" if results and ok == len(grid) else "FAILED", {"summary": message})
@@ -238,6 +240,16 @@ def log_differences(experiment: str, results: list[PointResult], frame) -> None:
         diffs = {k: row[k] for k in DIFF_COLUMNS if row.get(k) is not None and row[k] == row[k]}
         if r.mlflow_run_id and diffs:
             tracking.log_metrics_to(experiment, r.mlflow_run_id, diffs)
+
+
+def alias_best(results: list[PointResult]) -> None:
+    """Point the registry's aliases best-bpd and best-fid at the versions of the points with the lowest bits/dim
+    and FID-proxy (point estimates; the summary says which differences are resolved)."""
+    ok = [r for r in results if r.status == "ok" and r.mlflow_run_id]
+    best = {alias: [(r.metrics[key], r.mlflow_run_id) for r in ok if key in r.metrics]
+            for alias, key in (("best-bpd", "bpd"), ("best-fid", "fid_proxy"))}
+    for name, version in tracking.set_best_aliases(best).items():
+        print(f"registry: {name} -> version {version}")
 
 
 @flow(name="ddpm-sweep-point", log_prints=True)
@@ -289,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deployment", help="run points on a work pool through this ddpm-sweep-point deployment")
     args = ap.parse_args(argv)
     try:
-        overrides, reference = parse_set(args.set), parse_set(args.reference) or None
+        overrides, reference = typed_overrides(parse_set(args.set)).flat(), parse_set(args.reference) or None
         grid = parse_grid(args.grid)
         make_grid(combine_axes(args.schedules, args.T, grid, args.seeds), overrides)
         check_sweep(Path.cwd(), args.name, args.concurrency, args.deployment)

@@ -200,11 +200,11 @@ def figures(p: Params) -> None:
     from .stages import load_ema_model, load_prepared, set_threads
 
     set_threads(p)
-    device = resolve_device(p.train["device"])
+    device = resolve_device(p.train.device)
     net, meta, schedule = load_ema_model(device)
     image = load_prepared().test_images[NOISING_IMAGE]
     with torch.no_grad():
-        cfg = {**p.sample, "steps": sample_steps(p.sample, schedule.T)}
-        written = draw_all(net, schedule, meta["diffusion"]["schedule"], image, cfg, p.diffusion["variance"],
-                           p.diffusion["objective"], device, paths.FIGURES)
+        cfg = {**p.sample.model_dump(), "steps": sample_steps(p.sample, schedule.T)}
+        written = draw_all(net, schedule, meta["diffusion"]["schedule"], image, cfg, p.diffusion.variance,
+                           p.diffusion.objective, device, paths.FIGURES)
     print(f"figures: {', '.join(str(f) for f in written)}")

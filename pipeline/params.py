@@ -1,21 +1,28 @@
-"""params.yaml: the one place where parameters are read and validated, into typed frozen objects.
+"""params.yaml: one typed model (pydantic v2) that is the only place its keys, types, ranges and cross-key
+rules are written.
 
-Every stage calls `load_params()` first; an unknown key, a wrong type, a value out of range or a choice that
-does not exist raises ParamsError with one line naming the key, the value and what is allowed.
+Every stage calls `load_params()` first. An unknown or missing key, a wrong type, a value out of range, a
+non-finite number or a combination that trains nothing raises ParamsError with one line naming the key, the
+value and what is allowed. From the same model come the JSON schema (`Params.model_json_schema()`), the
+library's configs (`library_config`) and the typed overrides of a sweep (`Overrides`, the Prefect form).
+params.yaml's comments stay the user's documentation; each field's description here is what it allows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+import re
+from typing import Annotated, Any, Literal, Optional
 
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic_core import PydanticCustomError
 import yaml
 
 from ddpm_core.data import DATASETS
 from ddpm_core.diffusion import OBJECTIVES, VARIANCES
 from ddpm_core.elbo_mc import ESTIMATORS, BoundDesign
-from ddpm_core.objectives import LOSS_WEIGHTINGS, LOSSES
+from ddpm_core.objectives import LOSS_WEIGHTINGS, LOSSES, check_objective
 from ddpm_core.resample import T_SAMPLERS
 from ddpm_core.sampling import SAMPLERS
 from ddpm_core.schedules import SCHEDULES, ScheduleError, make_betas
@@ -27,186 +34,322 @@ class ParamsError(ValueError):
     """One invalid parameter; str() is a single line naming the key, the value and what is allowed."""
 
 
-# A rule: (type(s), check or None, what is allowed when the check fails)
-Rule = tuple[type | tuple[type, ...], Callable[[Any], bool] | None, str]
+# --- value types: each carries what it allows, as the error message and the JSON schema both say it ------
+# YAML 1.1 (PyYAML, and `dvc exp run -S`) reads 1e-4 as a string; people and YAML 1.2 read a number.
+NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
 
-def positive(kind: type = int) -> Rule:
-    return (kind if kind is int else (int, float)), (lambda v: v > 0), "a number > 0" if kind is float else "an integer >= 1"
+def _number(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and NUMBER.fullmatch(value.strip()) else value
 
 
-def non_negative(kind: type = int) -> Rule:
-    return (kind if kind is int else (int, float)), (lambda v: v >= 0), "a number >= 0" if kind is float else "an integer >= 0"
+def integer(ge: int, le: int | None = None, text: str | None = None, **more: Any) -> Any:
+    text = text or (f"an integer >= {ge}" if le is None else f"an integer in [{ge}, {le}]")
+    return Annotated[int, Field(ge=ge, le=le, description=text, **more)]
 
 
-def choice(options: tuple[str, ...]) -> Rule:
-    return str, (lambda v: v in options), f"one of {', '.join(options)}"
+def number(text: str, **bounds: float) -> Any:
+    """A finite float (ints and numeric strings such as '1e-4' accepted) within `bounds` (gt, ge, lt)."""
+    return Annotated[float, Field(allow_inf_nan=False, description=text, **bounds), BeforeValidator(_number)]
 
 
-def unit(lo_open: bool = False, hi_open: bool = True) -> Rule:
-    def ok(v: float) -> bool:
-        return (0 < v if lo_open else 0 <= v) and (v < 1 if hi_open else v <= 1)
-    return (int, float), ok, f"a number in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
+def choice(options: tuple[str, ...]) -> Any:
+    return Annotated[Literal[options], Field(description=f"one of {', '.join(options)}")]
 
 
-def int_list(check: Callable[[int], bool], allowed: str, allow_empty: bool) -> Rule:
-    def ok(v: list) -> bool:
-        return (allow_empty or len(v) > 0) and all(isinstance(i, int) and not isinstance(i, bool) and check(i) for i in v)
-    return list, ok, allowed
+FLAG = Annotated[bool, Field(description="true or false")]
+COUNT = integer(1)
+SEED = integer(0)
+POSITIVE = number("a number > 0", gt=0)
+NON_NEGATIVE = number("a number >= 0", ge=0)
+FRACTION = number("a number in [0, 1)", ge=0, lt=1)
 
 
-BOOL: Rule = (bool, None, "true or false")
-SEED: Rule = non_negative()
-STEPS: Rule = ((int, str), lambda v: v == "all" if isinstance(v, str) else v >= 2,
-               "an integer >= 2, or 'all' (= diffusion.T)")
+class Section(BaseModel):
+    """One params section: frozen, its keys fixed, values strictly typed (1.5 is not an integer)."""
 
-SCHEMA: dict[str, dict[str, Rule]] = {
-    "data": {"dataset": choice(DATASETS), "root": ((str, type(None)), None, "a path or null"), "download": BOOL},
-    "diffusion": {"T": (int, lambda v: 2 <= v <= 100_000, "an integer in [2, 100000]"),
-                  "schedule": choice(SCHEDULES), "variance": choice(VARIANCES), "objective": choice(OBJECTIVES)},
-    "model": {"channels": (int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8, >= 8"),
-              "channel_mults": int_list(lambda i: 1 <= i <= 16, "a non-empty list of integers in [1, 16]", False),
-              "num_res_blocks": (int, lambda v: 1 <= v <= 8, "an integer in [1, 8]"),
-              "attention_resolutions": int_list(lambda i: i >= 1, "a list of image sizes (integers >= 1)", True),
-              "dropout": unit()},
-    "train": {"steps": positive(), "batch_size": positive(), "lr": positive(float), "warmup_steps": non_negative(),
-              "grad_clip": non_negative(float), "weight_decay": non_negative(float), "ema_decay": unit(),
-              "ema_warmup": BOOL, "seed": SEED, "device": choice(("auto", "cpu", "cuda")),
-              "precision": choice(("fp32", "bf16")), "compile": BOOL, "checkpoint_every": positive(),
-              "threads": non_negative(), "loss": choice(LOSSES), "t_sampler": choice(T_SAMPLERS),
-              "loss_weighting": choice(LOSS_WEIGHTINGS), "min_snr_gamma": positive(float)},
-    "featurizer": {"epochs": positive(), "seed": SEED},
-    "sample": {"n": positive(), "sampler": choice(SAMPLERS), "steps": STEPS, "clamp_steps": BOOL,
-               "eta": non_negative(float), "clip_x0": BOOL, "seed": SEED, "batch_size": positive()},
-    "evaluate": {"bpd_estimator": choice(ESTIMATORS), "bpd_passes": positive(), "bpd_exact_t": positive(),
-                 "bpd_draws": positive(), "n_fid": (int, lambda v: v >= 20, "an integer >= 20"),
-                 "fid_bootstrap": (int, lambda v: v >= 10, "an integer >= 10"), "seed": SEED,
-                 "chunk_size": positive()},
-    "mlflow": {"experiment": (str, lambda v: len(v.strip()) > 0, "a non-empty name"), "register_model": BOOL},
-}
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def __getitem__(self, key: str) -> Any:  # p.train["lr"], as the sections were read when they were dicts
+        return getattr(self, key)
 
 
-def _check_value(key: str, value: Any, rule: Rule) -> None:
-    types, check, allowed = rule
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise ParamsError(f"{key} = {value!r} has the wrong type: must be {allowed}")
-    if not isinstance(value, types):
-        raise ParamsError(f"{key} = {value!r} has the wrong type: must be {allowed}")
-    if check is not None and not check(value):
-        raise ParamsError(f"{key} = {value!r} is not allowed: must be {allowed}")
+class Data(Section):
+    dataset: choice(DATASETS)
+    root: Annotated[Optional[str], Field(description="a path or null")]
+    download: FLAG
 
 
-def _check_structure(raw: Any) -> None:
-    if not isinstance(raw, dict):
-        raise ParamsError(f"params must be a mapping of sections ({', '.join(SCHEMA)}); got {type(raw).__name__}")
-    for section, values in raw.items():
-        if section not in SCHEMA:
-            raise ParamsError(f"unknown section '{section}' = {values!r}: allowed sections are {', '.join(SCHEMA)}")
-        if not isinstance(values, dict):
-            raise ParamsError(f"{section} = {values!r} must be a mapping of keys ({', '.join(SCHEMA[section])})")
-        for key, value in values.items():
-            if key not in SCHEMA[section]:
-                raise ParamsError(f"unknown key {section}.{key} = {value!r}: allowed keys in {section} are "
-                                  f"{', '.join(SCHEMA[section])}")
-            _check_value(f"{section}.{key}", value, SCHEMA[section][key])
-    for section, rules in SCHEMA.items():
-        missing = [k for k in rules if k not in raw.get(section, {})]
-        if missing:
-            raise ParamsError(f"missing key {section}.{missing[0]}: must be {rules[missing[0]][2]}")
+class Diffusion(Section):
+    T: integer(2, 100_000)
+    schedule: choice(SCHEDULES)
+    variance: choice(VARIANCES)
+    objective: choice(OBJECTIVES)
 
 
-def sample_steps(sample: dict[str, Any], T: int) -> int:
+class Model(Section):
+    channels: integer(8, text="a multiple of 8, >= 8", multiple_of=8)
+    channel_mults: Annotated[list[Annotated[int, Field(ge=1, le=16)]],
+                             Field(min_length=1, description="a non-empty list of integers in [1, 16]")]
+    num_res_blocks: integer(1, 8)
+    attention_resolutions: Annotated[list[Annotated[int, Field(ge=1)]],
+                                     Field(description="a list of image sizes (integers >= 1)")]
+    dropout: FRACTION
+
+
+class Train(Section):
+    steps: COUNT
+    batch_size: COUNT
+    lr: POSITIVE
+    warmup_steps: SEED
+    grad_clip: NON_NEGATIVE
+    weight_decay: NON_NEGATIVE
+    ema_decay: FRACTION
+    ema_warmup: FLAG
+    seed: SEED
+    device: choice(("auto", "cpu", "cuda"))
+    precision: choice(("fp32", "bf16"))
+    compile: FLAG
+    checkpoint_every: COUNT
+    threads: SEED
+    loss: choice(LOSSES)
+    t_sampler: choice(T_SAMPLERS)
+    loss_weighting: choice(LOSS_WEIGHTINGS)
+    min_snr_gamma: POSITIVE
+
+
+class Featurizer(Section):
+    epochs: COUNT
+    seed: SEED
+
+
+class Sample(Section):
+    n: COUNT
+    sampler: choice(SAMPLERS)
+    steps: Annotated[integer(2) | Literal["all"], Field(description="an integer >= 2, or 'all' (= diffusion.T)")]
+    clamp_steps: FLAG
+    eta: NON_NEGATIVE
+    clip_x0: FLAG
+    seed: SEED
+    batch_size: COUNT
+
+
+class Evaluate(Section):
+    bpd_estimator: choice(ESTIMATORS)
+    bpd_passes: COUNT
+    bpd_exact_t: COUNT
+    bpd_draws: COUNT
+    n_fid: integer(20)
+    fid_bootstrap: integer(10)
+    seed: SEED
+    chunk_size: COUNT
+
+
+class Mlflow(Section):
+    experiment: Annotated[str, Field(pattern=r"\S", description="a non-empty name")]
+    register_model: FLAG
+
+
+def sample_steps(sample: Sample, T: int) -> int:
     """The respaced steps the sampler takes: 'all' = T, else sample.steps (at most T with clamp_steps)."""
-    return T if sample["steps"] == "all" else min(sample["steps"], T) if sample["clamp_steps"] else sample["steps"]
+    return T if sample.steps == "all" else min(sample.steps, T) if sample.clamp_steps else sample.steps
 
 
-def bound_design(evaluate: dict[str, Any], T: int) -> BoundDesign:
-    e = evaluate
-    return BoundDesign.named(e["bpd_estimator"], T, e["bpd_exact_t"], e["bpd_draws"])
+def bound_design(evaluate: Evaluate, T: int) -> BoundDesign:
+    return BoundDesign.named(evaluate.bpd_estimator, T, evaluate.bpd_exact_t, evaluate.bpd_draws)
 
 
-def _check_bound_budget(e: dict[str, Any], T: int) -> None:
-    per_image = bound_design(e, T).passes_per_image()
-    if e["bpd_passes"] < 2 * per_image:
-        raise ParamsError(f"evaluate.bpd_passes = {e['bpd_passes']} is not allowed: the {e['bpd_estimator']} "
-                          f"estimator at diffusion.T = {T} needs {per_image} passes per image and an interval "
-                          f"needs 2 images, so at least {2 * per_image}")
+def _refuse(message: str) -> PydanticCustomError:
+    return PydanticCustomError("cross_key", "{message}", {"message": message})
 
 
-def _check_combinations(p: dict[str, dict[str, Any]]) -> None:
-    """Constraints between keys, each reported against the key a user would change."""
-    T = p["diffusion"]["T"]
-    try:
-        make_betas(p["diffusion"]["schedule"], T)
-    except ScheduleError as e:
-        raise ParamsError(f"diffusion.T = {T} does not work with diffusion.schedule = "
-                          f"{p['diffusion']['schedule']!r}: {e}") from None
-    steps = p["sample"]["steps"]
-    if steps != "all" and steps > T and not p["sample"]["clamp_steps"]:
-        raise ParamsError(f"sample.steps = {steps} is not allowed: must be in [2, diffusion.T = {T}], or 'all'; "
+class Params(BaseModel):
+    """The validated params, by section: `p.train.lr`; `p.flat()` as MLflow records them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    data: Data
+    diffusion: Diffusion
+    model: Model
+    train: Train
+    featurizer: Featurizer
+    sample: Sample
+    evaluate: Evaluate
+    mlflow: Mlflow
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Params:
+        """Constraints between keys, each reported against the key a user would change."""
+        d, s, e, t = self.diffusion, self.sample, self.evaluate, self.train
+        try:
+            make_betas(d.schedule, d.T)
+        except ScheduleError as err:
+            raise _refuse(f"diffusion.T = {d.T} does not work with diffusion.schedule = {d.schedule!r}: "
+                          f"{err}") from None
+        if s.steps != "all" and s.steps > d.T and not s.clamp_steps:
+            raise _refuse(f"sample.steps = {s.steps} is not allowed: must be in [2, diffusion.T = {d.T}], or 'all'; "
                           f"set sample.clamp_steps: true to sample min(steps, T) steps")
-    _check_bound_budget(p["evaluate"], T)
-    if p["sample"]["sampler"] == "ancestral" and p["sample"]["eta"] != 0:
-        raise ParamsError(f"sample.eta = {p['sample']['eta']} is not allowed with sample.sampler = 'ancestral': "
-                          f"eta is a DDIM setting, leave it at 0")
-    if p["evaluate"]["n_fid"] > p["sample"]["n"]:
-        raise ParamsError(f"evaluate.n_fid = {p['evaluate']['n_fid']} is not allowed: must be <= sample.n = "
-                          f"{p['sample']['n']} (the FID-proxy scores the samples of the sample stage)")
-    _check_objective(p)
-    if p["train"]["precision"] == "bf16" and p["train"]["device"] == "cpu":
-        raise ParamsError("train.precision = 'bf16' is not allowed with train.device = 'cpu': bf16 autocast "
-                          "is for CUDA (measured ~9x slower on this CPU); use fp32")
-
-
-def _check_objective(p: dict[str, dict[str, Any]]) -> None:
-    """train.loss, diffusion.variance and train.loss_weighting: the combinations that train something."""
-    loss, variance, weighting = p["train"]["loss"], p["diffusion"]["variance"], p["train"]["loss_weighting"]
-    if loss in ("hybrid", "vlb") and variance != "learned_range":
-        raise ParamsError(f"train.loss = {loss!r} is not allowed with diffusion.variance = {variance!r}: "
-                          f"it trains the variance, set diffusion.variance = 'learned_range'")
-    if loss == "simple" and variance == "learned_range":
-        raise ParamsError("diffusion.variance = 'learned_range' is not allowed with train.loss = 'simple': "
-                          "L_simple gives the variance no gradient, use train.loss = 'hybrid' or 'vlb'")
-    if loss == "vlb" and weighting != "none":
-        raise ParamsError(f"train.loss_weighting = {weighting!r} is not allowed with train.loss = 'vlb': "
-                          f"the bound is never reweighted, use 'none'")
-
-
-@dataclass(frozen=True)
-class Params:
-    """The validated params, by section (plain dicts, read-only by convention)."""
-
-    data: dict[str, Any]
-    diffusion: dict[str, Any]
-    model: dict[str, Any]
-    train: dict[str, Any]
-    featurizer: dict[str, Any]
-    sample: dict[str, Any]
-    evaluate: dict[str, Any]
-    mlflow: dict[str, Any]
+        per_image = bound_design(e, d.T).passes_per_image()
+        if e.bpd_passes < 2 * per_image:
+            raise _refuse(f"evaluate.bpd_passes = {e.bpd_passes} is not allowed: the {e.bpd_estimator} estimator at "
+                          f"diffusion.T = {d.T} needs {per_image} passes per image and an interval needs 2 images, "
+                          f"so at least {2 * per_image}")
+        if s.sampler == "ancestral" and s.eta != 0:
+            raise _refuse(f"sample.eta = {s.eta} is not allowed with sample.sampler = 'ancestral': eta is a DDIM "
+                          f"setting, leave it at 0")
+        if e.n_fid > s.n:
+            raise _refuse(f"evaluate.n_fid = {e.n_fid} is not allowed: must be <= sample.n = {s.n} (the FID-proxy "
+                          f"scores the samples of the sample stage)")
+        try:  # the library's rule, in the words of these keys
+            check_objective(t.loss, d.variance, t.loss_weighting, names=OBJECTIVE_KEYS)
+        except ValueError as err:
+            raise _refuse(str(err)) from None
+        if t.precision == "bf16" and t.device == "cpu":
+            raise _refuse("train.precision = 'bf16' is not allowed with train.device = 'cpu': bf16 autocast is for "
+                          "CUDA (measured ~9x slower on this CPU); use fp32")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """{'train.lr': 0.001, ...}: how MLflow records them."""
-        return {f"{f.name}.{k}": v for f in fields(self) for k, v in getattr(self, f.name).items()}
+        return {f"{section}.{k}": v for section, values in self.model_dump().items() for k, v in values.items()}
+
+
+SECTIONS: dict[str, type[Section]] = {name: f.annotation for name, f in Params.model_fields.items()}
+OBJECTIVE_KEYS = {"loss": "train.loss", "variance": "diffusion.variance", "weighting": "train.loss_weighting"}
+
+
+# --- one line per error -----------------------------------------------------------------------------------
+def _wrong_type(e: dict[str, Any]) -> bool:
+    kind = e["type"]
+    return (kind.endswith(("_type", "_parsing")) or kind in ("int_from_float", "none_required")
+            or (kind == "literal_error" and not isinstance(e["input"], str)))
+
+
+def _keys(section: str) -> str:
+    return ", ".join(SECTIONS[section].model_fields)
+
+
+def one_line(error: ValidationError, raw: Any) -> str:
+    """The first problem of a validation, as one line naming the key (an unknown key before the missing
+    one it probably misspells)."""
+    errors = error.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc, kind = first["loc"], first["type"]
+    if kind == "cross_key":
+        return first["ctx"]["message"]
+    if not loc:
+        got = "nothing" if raw is None else type(raw).__name__
+        return f"params must be a mapping of sections ({', '.join(SECTIONS)}); got {got}"
+    section = str(loc[0])
+    if len(loc) == 1:
+        if kind == "extra_forbidden":
+            return f"unknown section '{section}' = {first['input']!r}: allowed sections are {', '.join(SECTIONS)}"
+        if kind == "missing":
+            return f"missing section {section}: it holds {_keys(section)}"
+        return f"{section} = {first['input']!r} must be a mapping of keys ({_keys(section)})"
+    key = f"{section}.{loc[1]}"
+    if kind == "extra_forbidden":
+        return f"unknown key {key} = {first['input']!r}: allowed keys in {section} are {_keys(section)}"
+    allowed = SECTIONS[section].model_fields[str(loc[1])].description
+    if kind == "missing":
+        return f"missing key {key}: must be {allowed}"
+    try:
+        value = raw[section][loc[1]]  # the whole value, also when one item of a list is wrong
+    except (KeyError, TypeError, IndexError):
+        value = first["input"]
+    same = [e for e in errors if e["loc"][:2] == loc[:2]]
+    if any(e["type"] == "finite_number" for e in same):
+        return f"{key} = {value!r} is not allowed: must be {allowed.replace('a number', 'a finite number', 1)}"
+    if all(_wrong_type(e) for e in same):
+        return f"{key} = {value!r} has the wrong type: must be {allowed}"
+    return f"{key} = {value!r} is not allowed: must be {allowed}"
 
 
 def validate(raw: Any) -> Params:
-    _check_structure(raw)
-    for section in ("train", "sample"):  # integers given as floats (1e3) are a type error above; floats
-        for key in ("lr", "grad_clip", "weight_decay", "ema_decay", "eta", "min_snr_gamma"):  # may be ints
-            if key in raw[section]:
-                raw[section][key] = float(raw[section][key])
-    raw["model"]["dropout"] = float(raw["model"]["dropout"])
-    _check_combinations(raw)
-    return Params(**{name: dict(raw[name]) for name in SCHEMA})
+    """The typed params of a parsed params.yaml (`raw` is not modified); ParamsError with one line if invalid."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(one_line(e, raw)) from None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ParamsError(f"no params file at {path}") from None
+    except OSError as e:
+        raise ParamsError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          f"save it as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ParamsError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if raw is None:
+        raise ParamsError(f"{path} is empty: it must hold the sections {', '.join(SECTIONS)}")
     return validate(raw)
+
+
+# --- what is built from the model ---------------------------------------------------------------------------
+def library_config(cls: type, *sections: Section) -> Any:
+    """cls (a dataclass of ddpm_core, e.g. TrainConfig) from the keys of `sections` that are its fields: a
+    key is written once, here, and a field once, in the library. Keys the library does not take (e.g.
+    train.device) are the stage's."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for s in sections for k, v in s.model_dump().items() if k in names})
+
+
+def _partial(section: type[Section]) -> type[BaseModel]:
+    """The section with every key optional (None = not given), each keeping its type, range and description."""
+    def optional(f: Any) -> Any:
+        return Optional[Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation]
+
+    fields = {name: (optional(f), Field(None, description=f.description)) for name, f in section.model_fields.items()}
+    return create_model(f"{section.__name__}Overrides", __config__=Section.model_config, **fields)
+
+
+class _Overrides(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, raw: Any) -> Any:
+        """{"train.steps": 300} -> {"train": {"steps": 300}}, as the command line and the flows write them."""
+        if not isinstance(raw, dict) or not any("." in str(k) for k in raw):
+            return raw
+        nested: dict[Any, Any] = {}
+        for key, value in raw.items():
+            section, dot, name = str(key).partition(".")
+            if dot and isinstance(nested.get(section, {}), dict):
+                nested.setdefault(section, {})[name] = value
+            else:
+                nested[key] = value
+        return nested
+
+    def flat(self) -> dict[str, Any]:
+        """{'train.steps': 300}: the keys given, as `dvc exp run -S` sets them. None means "as params.yaml has
+        it" (forms and Prefect's stored parameters send every field), so an override cannot set a key to null."""
+        return {f"{section}.{k}": v for section, values in self.model_dump(exclude_none=True).items()
+                for k, v in values.items()}
+
+
+# params keys set for every point of a sweep, typed by section: a form in Prefect's UI, not a JSON box
+Overrides = create_model("Overrides", __base__=_Overrides, __doc__="params.yaml keys set for every point of a sweep",
+                         **{name: (Optional[_partial(cls)], Field(None, description=f"keys of params.yaml's {name}"))
+                            for name, cls in SECTIONS.items()})
+
+
+def overrides(flat: dict[str, Any] | _Overrides) -> _Overrides:
+    """Overrides from {'train.steps': 300} (or {'train': {'steps': 300}}); ParamsError with one line naming the
+    key if one is invalid."""
+    if isinstance(flat, _Overrides):
+        return flat
+    try:
+        return Overrides.model_validate(flat)
+    except ValidationError as e:
+        raise ParamsError(one_line(e, _Overrides._nest(flat))) from None

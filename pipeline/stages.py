@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,12 @@ from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_features,
                            report_from_features)
 from ddpm_core.sampling import sample as draw_samples
 from ddpm_core.schedules import NoiseSchedule
-from ddpm_core.serving import FlatEpsModel
+from ddpm_core.serving import save_eps_model
 from ddpm_core.train import TrainConfig, resolve_device, train as run_training
 from ddpm_core.unet import build_unet
 
 from . import paths, reports, tracking
-from .params import Params, bound_design, sample_steps
+from .params import Params, bound_design, library_config, sample_steps
 
 RESUME_IGNORES = ("steps", "checkpoint_every", "threads", "device")
 
@@ -36,13 +38,13 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def set_threads(p: Params) -> None:
-    if p.train["threads"]:
-        torch.set_num_threads(p.train["threads"])
+    if p.train.threads:
+        torch.set_num_threads(p.train.threads)
 
 
 # --- prepare ---------------------------------------------------------------------------------------------
 def prepare(p: Params) -> None:
-    data = load_dataset(p.data["dataset"], p.data["root"], p.data["download"])
+    data = load_dataset(p.data.dataset, p.data.root, p.data.download)
     paths.DATA.parent.mkdir(parents=True, exist_ok=True)
     np.savez(paths.DATA, name=data.name, train_images=data.train_images, train_labels=data.train_labels,
              test_images=data.test_images, test_labels=data.test_labels)
@@ -51,14 +53,24 @@ def prepare(p: Params) -> None:
     print(f"prepare: {data.name} train {data.train_images.shape} test {data.test_images.shape}")
 
 
+@contextlib.contextmanager
+def prepared_file(path: Path):
+    """A missing or damaged prepared file, also one that does not even load, as one line naming it."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; run `dvc repro prepare`") from None
+    except Exception as e:  # zipfile, zlib, numpy and json each fail in their own way on a flipped byte
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())}"[:200]
+        raise DataError(f"{path} is damaged ({reason}); run `dvc repro prepare`") from None
+
+
 def load_prepared() -> ImageData:
     """The prepared arrays, checked against the checksum that prepare recorded."""
-    try:
-        with np.load(paths.DATA) as z:
-            data = ImageData(str(z["name"]), z["train_images"], z["train_labels"], z["test_images"], z["test_labels"])
+    with prepared_file(paths.DATA), np.load(paths.DATA) as z:
+        data = ImageData(str(z["name"]), z["train_images"], z["train_labels"], z["test_images"], z["test_labels"])
+    with prepared_file(paths.DATA_INFO):
         expected = json.loads(paths.DATA_INFO.read_text())["sha256"]
-    except (OSError, KeyError, ValueError) as e:
-        raise DataError(f"{paths.DATA} or {paths.DATA_INFO} is missing or damaged ({e}); run `dvc repro prepare`") from None
     if data.checksum() != expected:
         raise DataError(f"{paths.DATA} does not match the checksum in {paths.DATA_INFO}; run `dvc repro prepare`")
     return data
@@ -66,7 +78,7 @@ def load_prepared() -> ImageData:
 
 # --- featurizer ------------------------------------------------------------------------------------------
 def featurizer_config(p: Params) -> FeaturizerConfig:
-    return FeaturizerConfig(epochs=p.featurizer["epochs"], seed=p.featurizer["seed"])
+    return library_config(FeaturizerConfig, p.featurizer)
 
 
 def featurizer(p: Params) -> None:
@@ -80,35 +92,29 @@ def featurizer(p: Params) -> None:
 # --- train -----------------------------------------------------------------------------------------------
 def run_fingerprint(p: Params, data_sha: str) -> str:
     """What a resumable checkpoint must share with this run to be continued."""
-    train_cfg = {k: v for k, v in p.train.items() if k not in RESUME_IGNORES}
-    blob = json.dumps([data_sha, p.diffusion, p.model, train_cfg], sort_keys=True)
+    train_cfg = {k: v for k, v in p.train.model_dump().items() if k not in RESUME_IGNORES}
+    blob = json.dumps([data_sha, p.diffusion.model_dump(), p.model.model_dump(), train_cfg], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def train_config(p: Params) -> TrainConfig:
-    t = p.train
-    return TrainConfig(steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
-                       warmup_steps=t["warmup_steps"], grad_clip=t["grad_clip"], ema_decay=t["ema_decay"],
-                       ema_warmup=t["ema_warmup"], seed=t["seed"], objective=p.diffusion["objective"],
-                       variance=p.diffusion["variance"], loss=t["loss"], t_sampler=t["t_sampler"],
-                       loss_weighting=t["loss_weighting"], min_snr_gamma=t["min_snr_gamma"],
-                       precision=t["precision"], compile=t["compile"], checkpoint_every=t["checkpoint_every"])
+    return library_config(TrainConfig, p.diffusion, p.train)  # objective, variance and the train keys
 
 
 def train(p: Params) -> None:
     set_threads(p)
-    device = resolve_device(p.train["device"])
+    device = resolve_device(p.train.device)
     tracking.check_reachable()  # an unreachable server must not cost a finished training run
     data = load_prepared()
-    meta = {"model": p.model, "diffusion": p.diffusion, "dataset": data.name, "data_sha256": data.checksum(),
-            "image_shape": list(data.image_shape)}
+    meta = {"model": p.model.model_dump(), "diffusion": p.diffusion.model_dump(), "dataset": data.name,
+            "data_sha256": data.checksum(), "image_shape": list(data.image_shape)}
     meta["fingerprint"] = run_fingerprint(p, meta["data_sha256"])
     # Scratch checkpoint of this exact configuration: a killed run resumes from it, a finished one removes it.
     state = paths.TRAIN_STATE / f"{meta['fingerprint'][:16]}.pt"
-    torch.manual_seed(p.train["seed"])
+    torch.manual_seed(p.train.seed)
     c = data.image_shape[0]
-    net = build_unet(p.model, c, data.image_shape[1], output_channels(c, p.diffusion["variance"]))
-    schedule = NoiseSchedule.named(p.diffusion["schedule"], p.diffusion["T"])
+    net = build_unet(meta["model"], c, data.image_shape[1], output_channels(c, p.diffusion.variance))
+    schedule = NoiseSchedule.named(p.diffusion.schedule, p.diffusion.T)
     result = run_training(net, schedule, torch.from_numpy(data.train_images), train_config(p), state, device, meta)
     if result.resumed_from:
         print(f"train: resumed from step {result.resumed_from}")
@@ -135,21 +141,21 @@ def load_ema_model(device: torch.device) -> tuple[torch.nn.Module, dict[str, Any
 # --- sample ----------------------------------------------------------------------------------------------
 def sample(p: Params) -> None:
     set_threads(p)
-    device = resolve_device(p.train["device"])
+    device = resolve_device(p.train.device)
     net, meta, schedule = load_ema_model(device)
     s = p.sample
     steps = sample_steps(s, schedule.T)
     start = time.perf_counter()
-    x = draw_samples(net, schedule, s["n"], tuple(meta["image_shape"]), s["seed"], s["sampler"], steps,
-                     s["eta"], s["batch_size"], p.diffusion["variance"], p.diffusion["objective"], s["clip_x0"],
+    x = draw_samples(net, schedule, s.n, tuple(meta["image_shape"]), s.seed, s.sampler, steps,
+                     s.eta, s.batch_size, p.diffusion.variance, p.diffusion.objective, s.clip_x0,
                      device)
     seconds = time.perf_counter() - start
     images = from_model_range(x).numpy()
     np.savez(paths.SAMPLES, images=images)
     reports.save_grid(images[:64], paths.SAMPLE_GRID)
-    write_json(paths.SAMPLE_STATS, {"sample_seconds": seconds, "n": s["n"], "sampler": s["sampler"],
+    write_json(paths.SAMPLE_STATS, {"sample_seconds": seconds, "n": s.n, "sampler": s.sampler,
                                     "steps": steps, "device": str(device)})
-    print(f"sample: {s['n']} samples in {seconds:.1f} s ({s['sampler']}, {steps} steps)")
+    print(f"sample: {s.n} samples in {seconds:.1f} s ({s.sampler}, {steps} steps)")
 
 
 # --- evaluate --------------------------------------------------------------------------------------------
@@ -159,11 +165,11 @@ def evaluate_bound(p: Params, net: torch.nn.Module, schedule: NoiseSchedule, dat
     run with that seed, so runs compare paired), and the seconds it took."""
     e = p.evaluate
     design = bound_design(e, schedule.T)
-    n = min(len(data.test_images), e["bpd_passes"] // design.passes_per_image())
-    pick = np.random.default_rng(e["seed"]).permutation(len(data.test_images))[:n]
+    n = min(len(data.test_images), e.bpd_passes // design.passes_per_image())
+    pick = np.random.default_rng(e.seed).permutation(len(data.test_images))[:n]
     start = time.perf_counter()
     bound = estimate_bound(net, schedule, to_model_range(data.test_images[pick]).to(device), pick, design,
-                           p.diffusion["variance"], p.diffusion["objective"], e["chunk_size"], e["seed"],
+                           p.diffusion.variance, p.diffusion.objective, e.chunk_size, e.seed,
                            progress=True)
     return bound, time.perf_counter() - start
 
@@ -175,16 +181,16 @@ def evaluate_samples(p: Params, data: ImageData, device: torch.device) -> tuple[
     feat, info = load_or_train_featurizer(paths.FEATURIZER, data, featurizer_config(p), device, train_missing=False)
     with np.load(paths.SAMPLES) as z:
         samples = torch.from_numpy(z["images"])
-    features = fid_features(classifier_featurize(feat), samples, data, e["n_fid"], seed=e["seed"])
+    features = fid_features(classifier_featurize(feat), samples, data, e.n_fid, seed=e.seed)
     np.savez(paths.FID_FEATURES, gen=features.gen.astype(np.float32), test=features.test.astype(np.float32),
              train=features.train.astype(np.float32))
-    report = report_from_features(features, e["seed"], e["fid_bootstrap"])
+    report = report_from_features(features, e.seed, e.fid_bootstrap)
     return report, info["accuracy"]
 
 
 def evaluate(p: Params) -> None:
     set_threads(p)
-    device = resolve_device(p.train["device"])
+    device = resolve_device(p.train.device)
     net, meta, schedule = load_ema_model(device)
     data = load_prepared()
     bound, bpd_seconds = evaluate_bound(p, net, schedule, data, device)
@@ -198,19 +204,53 @@ def evaluate(p: Params) -> None:
                "sample_seconds": sample_stats["sample_seconds"],
                "final_train_loss": float(losses["loss"][-max(1, len(losses["loss"]) // 20):].mean())}
     write_reports(p, metrics, bound, losses)
-    run = tracking.log_run(
-        p.mlflow["experiment"], p.flat(), {k: float(v) for k, v in metrics.items()},
-        (losses["step"].astype(int).tolist(), losses["loss"].tolist()),
-        [paths.SAMPLE_GRID, paths.LOSS_PLOT, paths.BPD_PLOT, paths.BPD_PER_T, paths.BPD_PER_IMAGE, paths.SUMMARY,
-         paths.TRAIN_CURVE, *paths.FIGURE_FILES],
-        FlatEpsModel(net.cpu(), tuple(meta["image_shape"])),
-        {"data_sha256": meta["data_sha256"], "dataset": meta["dataset"],
-         "run_name": f"{meta['dataset']}-{p.diffusion['schedule']}-T{p.diffusion['T']}"},
-        f"ddpm-{meta['dataset'].replace('_', '-')}" if p.mlflow["register_model"] else None)
+    run = log_to_mlflow(p, net, schedule, meta, metrics, losses)
     write_json(paths.MLFLOW_RUN, run)
     print(f"evaluate: bpd {metrics['bpd']:.3f} (95% CI {metrics['bpd_ci_low']:.3f} to {metrics['bpd_ci_high']:.3f}, "
           f"{metrics['n_bpd']} images), fid_proxy {metrics['fid_proxy']:.3f} (95% CI {metrics['fid_proxy_ci_low']:.3f}"
           f" to {metrics['fid_proxy_ci_high']:.3f}; floor {metrics['fid_proxy_floor']:.3f}); MLflow run {run['run_id']}")
+
+
+def log_to_mlflow(p: Params, net: torch.nn.Module, schedule: NoiseSchedule, meta: dict[str, Any],
+                  metrics: dict[str, Any], losses: dict[str, np.ndarray]) -> dict[str, str]:
+    """The MLflow run, with the generator registered as ddpm-<dataset> (its description and tags say what it is)."""
+    d = p.diffusion
+    tags = {"data_sha256": meta["data_sha256"], "dataset": meta["dataset"],
+            "run_name": f"{meta['dataset']}-{d.schedule}-T{d.T}"}
+    model_tags = {**d.model_dump(), "loss": p.train.loss, "train_steps": p.train.steps,
+                  "bpd": f"{metrics['bpd']:.4f}", "fid_proxy": f"{metrics['fid_proxy']:.3f}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        eps_file = Path(tmp) / "eps_model.pt"
+        save_eps_model(eps_file, net, schedule, {**meta, "variance": d.variance, "objective": d.objective,
+                                                 "sampling": sampling_defaults(p, schedule.T)})
+        return tracking.log_run(
+            p.mlflow.experiment, p.flat(), {k: float(v) for k, v in metrics.items()},
+            (losses["step"].astype(int).tolist(), losses["loss"].tolist()),
+            [paths.SAMPLE_GRID, paths.LOSS_PLOT, paths.BPD_PLOT, paths.BPD_PER_T, paths.BPD_PER_IMAGE, paths.SUMMARY,
+             paths.TRAIN_CURVE, *paths.FIGURE_FILES],
+            eps_file, tags, f"ddpm-{meta['dataset'].replace('_', '-')}" if p.mlflow.register_model else None,
+            description=model_description(p, meta, metrics), model_tags=model_tags)
+
+
+def sampling_defaults(p: Params, T: int) -> dict[str, Any]:
+    """How the registered generator samples unless a request says otherwise: as the sample stage did."""
+    s = p.sample
+    return {"sampler": s.sampler, "steps": sample_steps(s, T), "eta": s.eta, "clip_x0": s.clip_x0,
+            "batch_size": s.batch_size}
+
+
+def model_description(p: Params, meta: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The registered version's description: what was trained, how well it scored, and how to call it."""
+    d, m, s = p.diffusion, metrics, sampling_defaults(p, p.diffusion.T)
+    shape = "x".join(str(v) for v in meta["image_shape"])
+    return (f"DDPM generator for {meta['dataset']} ({shape}): {d.schedule} schedule, T = {d.T}, objective "
+            f"{d.objective}, variance {d.variance}, loss {p.train.loss}, {p.train.steps} training steps (EMA "
+            f"weights). Negative ELBO {m['bpd']:.3f} bits/dim (95% CI {m['bpd_ci_low']:.3f} to "
+            f"{m['bpd_ci_high']:.3f}, {m['n_bpd']} test images); FID-proxy {m['fid_proxy']:.2f} (95% CI "
+            f"{m['fid_proxy_ci_low']:.2f} to {m['fid_proxy_ci_high']:.2f}, {m['n_fid']} samples). predict: rows "
+            f"with a `seed` column -> uint8 images [N, {', '.join(str(v) for v in meta['image_shape'])}], one "
+            f"per seed; params sampler, steps, eta, clip_x0 (defaults {s['sampler']}, {s['steps']}, {s['eta']}, "
+            f"{str(s['clip_x0']).lower()}).")
 
 
 def write_reports(p: Params, metrics: dict[str, Any], bound: BoundEstimate, losses: dict[str, np.ndarray]) -> None:
@@ -218,7 +258,7 @@ def write_reports(p: Params, metrics: dict[str, Any], bound: BoundEstimate, loss
     reports.write_csv(paths.BPD_PER_T, ["t", "bpd"], [(i + 1, f"{v:.8g}") for i, v in enumerate(bound.terms_bpd)])
     reports.write_csv(paths.BPD_PER_IMAGE, ["image", "phase", "bpd"],
                       [(int(i), int(ph), f"{v:.10g}") for i, ph, v in zip(bound.image_ids, bound.phase, bound.per_image)])
-    title = f"{p.data['dataset']}, {p.diffusion['schedule']} T={p.diffusion['T']}"
+    title = f"{p.data.dataset}, {p.diffusion.schedule} T={p.diffusion.T}"
     reports.plot_bpd_per_t(bound.terms_bpd, paths.BPD_PLOT, f"bits/dim per t ({title}); total {metrics['bpd']:.3f}")
     reports.plot_loss(losses["step"], losses["loss"], paths.LOSS_PLOT, f"training loss ({title})")
     paths.SUMMARY.write_text(reports.summary_markdown(p.flat(), metrics))

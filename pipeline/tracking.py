@@ -79,9 +79,12 @@ def git_commit() -> str:
 
 
 def log_run(experiment: str, params: dict[str, Any], metrics: dict[str, float], loss: tuple[list, list],
-            artifacts: list[Path], model, tags: dict[str, str], registered_name: str | None,
-            parent_run_id: str | None = None) -> dict[str, str]:
-    """One MLflow run: params, metrics, the loss per step, artifacts and the model. Returns its ids."""
+            artifacts: list[Path], model: Path, tags: dict[str, str], registered_name: str | None,
+            parent_run_id: str | None = None, description: str = "",
+            model_tags: dict[str, Any] | None = None) -> dict[str, str]:
+    """One MLflow run: params, metrics, the loss per step, artifacts and the generator built from `model`
+    (ddpm_core.serving's eps-model file), registered with `description` and the run's tags plus
+    `model_tags` on the version. Returns its ids (and the registered version, if any)."""
     mlflow = _connect(experiment)
     from mlflow.entities import Metric
 
@@ -96,23 +99,94 @@ def log_run(experiment: str, params: dict[str, Any], metrics: dict[str, float], 
             client.log_batch(run.info.run_id, metrics=points[i:i + 1000])
         for path in artifacts:
             mlflow.log_artifact(str(path))
-        log_model(mlflow, model, registered_name)
-        return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking_uri()}
+        version = log_generator(mlflow, model, registered_name, description, {**all_tags, **(model_tags or {})})
+        ids = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking_uri()}
+        return ids | ({"model_name": registered_name, "model_version": version} if version else {})
 
 
-def log_model(mlflow, model, registered_name: str | None) -> None:
-    """The EMA network as MLflow's PyTorch flavour (a state-dict-backed pickle of our own module), with an
-    input example and explicit requirements so logging takes about a second."""
+MODEL_ABOUT = ("DDPM generators from this project's pipeline, one version per evaluated run; each version's "
+               "description gives its settings and scores. A sweep points the aliases best-bpd and best-fid at its "
+               "best versions. Serve: mlflow models serve -m 'models:/{name}@best-fid' --env-manager local")
+
+
+def generator_signature(meta: dict[str, Any]):
+    """rows with a `seed` column -> uint8 [N, C, H, W]; the sampling params with the run's defaults."""
     import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    s = meta["sampling"]
+    return ModelSignature(
+        inputs=Schema([ColSpec("long", "seed")]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *meta["image_shape"]))]),
+        params=ParamSchema([ParamSpec("sampler", "string", s["sampler"]), ParamSpec("steps", "long", s["steps"]),
+                            ParamSpec("eta", "double", float(s["eta"])),
+                            ParamSpec("clip_x0", "boolean", s["clip_x0"])]))
+
+
+def log_generator(mlflow, model: Path, registered_name: str | None, description: str = "",
+                  tags: dict[str, str] | None = None) -> str | None:
+    """The generator (pipeline/generator.py, with ddpm_core as its code and `model` as its artifact) as the
+    run's `model`; registered as `registered_name` with `description` and `tags` on the version."""
+    import pandas as pd
     import torch
 
-    example = np.zeros((2, model.input_size), dtype=np.float32)
-    mlflow.pytorch.log_model(
-        model, name="model", input_example=example, serialization_format="pickle",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-        code_paths=[str(Path(__file__).resolve().parents[1] / "ddpm_core")],
-        registered_model_name=registered_name,
-    )
+    from ddpm_core.checkpoint import load_checkpoint
+    from ddpm_core.serving import KIND
+
+    here = Path(__file__).resolve().parent
+    meta = load_checkpoint(model)["meta"]
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=str(here / "generator.py"), artifacts={"eps_model": str(model)},
+        code_paths=[str(here.parent / "ddpm_core")], signature=generator_signature(meta),
+        input_example=(pd.DataFrame({"seed": [0, 1]}), {"steps": meta["sampling"]["steps"]}),
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
+        registered_model_name=registered_name, tags={"ddpm_kind": KIND})
+    if not registered_name:
+        return None
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    if not client.get_registered_model(registered_name).description:
+        client.update_registered_model(registered_name, MODEL_ABOUT.format(name=registered_name))
+    if description:
+        client.update_model_version(registered_name, version, description)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(registered_name, version, key, str(value))
+    return version
+
+
+def load_eps_model(model_uri: str, device: str = "cpu"):
+    """(eps network, NoiseSchedule, meta) of a logged generator, e.g. "models:/ddpm-fashion-mnist@best-bpd":
+    the network itself, for Python users who sample, score or fine-tune it with ddpm_core."""
+    import mlflow
+
+    from ddpm_core.serving import load_eps_model as load_file
+
+    _quiet_env()
+    mlflow.set_tracking_uri(tracking_uri())
+    folder = Path(mlflow.artifacts.download_artifacts(model_uri))
+    artifact = mlflow.models.Model.load(folder).flavors["python_function"]["artifacts"]["eps_model"]["path"]
+    return load_file(folder / artifact, device)
+
+
+def set_best_aliases(best: dict[str, list[tuple[float, str]]]) -> dict[str, str]:
+    """For each alias ("best-bpd": [(value, run_id), ...]), point it at the registered version of the run
+    with the lowest value, per registered model. Returns {"ddpm-digits@best-bpd": version}."""
+    import mlflow
+
+    _quiet_env()
+    mlflow.set_tracking_uri(check_reachable())
+    client, done = mlflow.MlflowClient(), {}
+    for alias, scored in best.items():
+        lowest: dict[str, tuple[float, str]] = {}
+        for value, run_id in scored:
+            for v in client.search_model_versions(f"run_id = '{run_id}'"):
+                if v.name not in lowest or value < lowest[v.name][0]:
+                    lowest[v.name] = (value, str(v.version))
+        for name, (_, version) in lowest.items():
+            client.set_registered_model_alias(name, alias, version)
+            done[f"{name}@{alias}"] = version
+    return done
 
 
 def start_parent_run(experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:

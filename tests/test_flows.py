@@ -83,6 +83,15 @@ def test_points_are_validated_with_the_pipeline_rules():
     assert point_params_error(ROOT, pt("cosine", 20, (("sample.clamp_steps", True),))) is None
 
 
+def test_the_sweep_command_refuses_a_bad_override_in_one_line(tmp_path):
+    """--set values are checked by params.yaml's model before anything runs (a subprocess: importing Prefect
+    under capsys would bind its log handlers to a stream pytest closes)."""
+    out = subprocess.run([sys.executable, "-m", "flows.sweep", "--name", "x", "--schedules", "linear", "--T", "100",
+                          "--set", "train.lr=.inf"], cwd=ROOT, env=tool_env(), capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == ["error: sweep: train.lr = inf is not allowed: must be a finite number > 0"]
+
+
 def test_expected_stage_errors_are_not_retried_and_crashes_are():
     e = failure_reason("Running stage 'train':\nerror: train: loss is nan at step 3\nERROR: failed to reproduce", 255)
     assert isinstance(e, PointError) and not e.transient and str(e) == "error: train: loss is nan at step 3"
@@ -232,6 +241,10 @@ def test_two_by_two_sweep(harness, project, monkeypatch):
     assert {r["mlflow_run_id"] for r in rows} == {c.info.run_id for c in children}
     diffs = {c.info.run_id: c.data.metrics.get("bpd_diff") for c in children}
     assert sum(v is None for v in diffs.values()) == 1  # the reference's run has none
+    # the registry's aliases point at the versions of the points with the lowest bits/dim and FID-proxy
+    for alias, key in (("best-bpd", "bpd"), ("best-fid", "fid_proxy")):
+        best = min(rows, key=lambda r: float(r[key]))["mlflow_run_id"]
+        assert client.get_model_version_by_alias("ddpm-digits", alias).run_id == best, alias
     assert {"summary.csv", "summary.md", "sweep.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     # the table and the plot are Prefect artifacts
     with get_client(sync_client=True) as pc:
@@ -372,8 +385,18 @@ def test_serve_puts_the_sweep_in_the_ui_with_editable_parameters_and_a_schedule(
     finally:
         proc.terminate()
         proc.wait(60)
-    props = deployment.parameter_openapi_schema["properties"]
+    schema = deployment.parameter_openapi_schema
+    props = schema["properties"]
     assert {"name", "schedules", "T", "overrides", "concurrency", "deployment", "grid", "seeds", "reference"} <= set(props)
+    # overrides: a form of params.yaml's sections and keys, each typed with its range, not a free JSON box
+    assert {"$ref": "#/definitions/Overrides"} in props["overrides"]["anyOf"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(schema["definitions"]["Overrides"]["properties"]) == set(params)
+    train = schema["definitions"]["TrainOverrides"]["properties"]
+    assert set(train) == set(params["train"]) and train["lr"]["description"] == "a number > 0"
+    assert {"type": "number", "exclusiveMinimum": 0} in train["lr"]["anyOf"]
+    assert {"type": "integer", "minimum": 1} in train["steps"]["anyOf"]
+    assert {"type": "string", "enum": ["auto", "cpu", "cuda"]} in train["device"]["anyOf"]
     grid = json.dumps(props["grid"])  # typed: a mapping of keys to lists of params values, not a free JSON box
     assert '"type": "array"' in grid and '"integer"' in grid and '"string"' in grid
     assert deployment.parameters["schedules"] == ["linear", "cosine"] and deployment.parameters["T"] == [100, 1000]

@@ -1,6 +1,8 @@
 """The DVC pipeline end to end on a tiny digits configuration, in a temporary Git repository, with MLflow."""
 
+import hashlib
 import json
+import re
 
 import pytest
 
@@ -51,6 +53,41 @@ def test_mlflow_records_one_complete_run(project):
 
 
 @pytest.mark.slow
+def test_the_registered_model_generates_with_the_trained_ema_weights(project, monkeypatch):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from ddpm_core.checkpoint import load_checkpoint
+    from ddpm_core.data import from_model_range
+    from ddpm_core.sampling import sample
+    from pipeline import tracking
+
+    uri = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    run_info = json.loads((project / paths.MLFLOW_RUN).read_text())
+    metrics = json.loads((project / paths.METRICS).read_text())
+    v = mlflow.MlflowClient().get_model_version("ddpm-digits", run_info["model_version"])
+    assert v.run_id == run_info["run_id"] and run_info["model_name"] == "ddpm-digits"
+    assert v.description.startswith("DDPM generator for digits (1x8x8): linear schedule, T = 50, objective eps, "
+                                    "variance fixed_small, loss simple, 30 training steps")
+    assert f"Negative ELBO {metrics['bpd']:.3f} bits/dim" in v.description and "FID-proxy" in v.description
+    assert (v.tags["schedule"], v.tags["T"], v.tags["variance"], v.tags["train_steps"]) == ("linear", "50", "fixed_small", "30")
+    assert float(v.tags["bpd"]) == pytest.approx(metrics["bpd"], abs=1e-4) and len(v.tags["git_commit"]) == 40
+    # the network inside is the EMA network that train wrote
+    net, schedule, meta = tracking.load_eps_model(f"models:/ddpm-digits/{v.version}")
+    ema = load_checkpoint(project / paths.MODEL)["ema"]
+    assert all(torch.equal(w, ema[f"module.{k}"]) for k, w in net.state_dict().items())
+    assert meta["sampling"] == {"sampler": "ddim", "steps": 10, "eta": 0.0, "clip_x0": True, "batch_size": 40}
+    # predict: one image per seed, as the library samples with the run's settings
+    images = mlflow.pyfunc.load_model(f"models:/ddpm-digits/{v.version}").predict(pd.DataFrame({"seed": [5, 6]}))
+    expected = [from_model_range(sample(net, schedule, 1, (1, 8, 8), s, "ddim", 10, progress=False)) for s in (5, 6)]
+    assert images.dtype == np.uint8 and np.array_equal(images, torch.cat(expected).numpy())
+
+
+@pytest.mark.slow
 def test_second_repro_does_nothing_and_says_so(project):
     out = run("dvc repro", project)
     assert "Data and pipelines are up to date" in out.stdout
@@ -65,16 +102,40 @@ def test_plots_render_offline(project):
     assert "bpd_per_t.csv" in html and "train_loss.csv" in html
 
 
+def snapshot(folder):
+    """sha256 of every result file (build/, reports/, dvc.lock); not check's marker build/params.ok, which DVC
+    removes before check runs."""
+    files = [p for d in ("build", "reports") for p in (folder / d).rglob("*") if p.is_file()] + [folder / "dvc.lock"]
+    files = [p for p in files if p != folder / "build" / "params.ok"]
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
 @pytest.mark.slow
 def test_bad_params_stop_before_any_output_is_touched(project):
-    before = (project / paths.METRICS).read_bytes()
-    model = (project / paths.MODEL).stat().st_mtime_ns
-    out = run("dvc repro -S train.lr=-1 2>&1 || dvc exp run -S train.lr=-1", project, check=False)
-    assert out.returncode != 0
-    assert "train.lr = -1 is not allowed: must be a number > 0" in out.stdout + out.stderr
-    assert (project / paths.METRICS).read_bytes() == before
-    assert (project / paths.MODEL).stat().st_mtime_ns == model
-    run("git checkout params.yaml", project)
+    """`dvc repro` with a malformed params.yaml fails at check (or, for a file that is not UTF-8, in DVC's own
+    reading of it) and leaves every earlier result byte-identical; DVC's own `-S train.lr=2e-5`, which it
+    writes as `2e-05` (a string to YAML 1.1), passes."""
+    before = snapshot(project)
+    good = (project / "params.yaml").read_bytes()
+    cases = [(good.replace(b"  lr: 0.001", b"  lr: .inf"), "error: check: train.lr = inf is not allowed: must be a finite number > 0"),
+             (good.replace(b"  lr: 0.001", b"  lrr: 0.001"), "error: check: unknown key train.lrr = 0.001: allowed keys in train"),
+             (good.replace(b"  T: 50", b"  T: 10"), "error: check: diffusion.T = 10 does not work with diffusion.schedule"),
+             (good + b"# caf\xe9\n", "is not valid utf-8")]
+    try:
+        for text, message in cases:
+            (project / "params.yaml").write_bytes(text)
+            out = run("dvc repro", project, check=False)
+            text = out.stdout + out.stderr
+            assert out.returncode != 0 and message in text, (message, text)
+            ours = [ln for ln in text.splitlines() if ln.startswith("error: ")]  # one line from check, if it ran
+            assert len(ours) == (message.startswith("error: ")) and all(ln.startswith(message) for ln in ours), text
+            assert snapshot(project) == before
+    finally:
+        (project / "params.yaml").write_bytes(good)
+    out = run("dvc exp run --temp -S train.lr=2e-5 check", project)
+    assert "check: params.yaml is valid" in out.stdout + out.stderr
+    out = run("dvc repro", project)  # check writes its marker again; nothing else runs
+    assert "Stage 'train' didn't change" in out.stdout and snapshot(project) == before
 
 
 @pytest.mark.slow
@@ -122,3 +183,39 @@ def test_unreachable_tracking_server_is_reported_before_training(monkeypatch):
         tracking.check_reachable(timeout=2)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking.tracking_uri().startswith("sqlite:///") and tracking.tracking_uri().endswith("mlflow/mlflow.db")
+
+
+def test_damaged_prepared_data_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """One flipped byte in build/data.npz (in the arrays, in the zip directory, at the start) or a damaged
+    build/data.json stops a stage with one line naming the file and `dvc repro prepare`, never a traceback."""
+    import yaml
+
+    from pipeline.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DDPM_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["dataset"] = "digits"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["prepare"]) == 0
+    good = paths.DATA.read_bytes()
+    for position in (0, 500, len(good) // 2, len(good) - 200, len(good) - 30):
+        damaged = bytearray(good)
+        damaged[position] ^= 0xFF
+        paths.DATA.write_bytes(bytes(damaged))
+        capsys.readouterr()
+        assert main(["train"]) == 2, position
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and re.fullmatch(r"error: train: build/data.npz is damaged \(.+\); run `dvc repro "
+                                              r"prepare`", err[0]), (position, err)
+    paths.DATA.write_bytes(good)
+    info = paths.DATA_INFO.read_text()
+    paths.DATA_INFO.write_text(info[: len(info) // 2])
+    assert main(["featurizer"]) == 2
+    assert re.fullmatch(r"error: featurizer: build/data.json is damaged \(JSONDecodeError: .+\); run `dvc repro "
+                        r"prepare`\n", capsys.readouterr().err)
+    paths.DATA.unlink()
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err == "error: train: build/data.npz is missing; run `dvc repro prepare`\n"
+    assert not paths.MODEL.exists()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_core.sampling import ancestral_sample, ddim_coefficients, ddim_sample, sample
+from ddpm_core.sampling import ancestral_sample, ddim_coefficients, ddim_sample, sample, sample_seeds
 from ddpm_core.schedules import NoiseSchedule, respace
 
 S = NoiseSchedule.named("linear", 100)
@@ -112,3 +112,16 @@ def test_on_step_sees_every_step_and_changes_nothing(sampler):
     assert all(x_t.shape == shape and x0_hat.shape == shape for _, x_t, x0_hat in seen)
     torch.testing.assert_close(seen[-1][2], torch.full(shape, 0.5))  # the oracle predicts the data point
     assert torch.equal(seen[0][1], torch.randn(shape, generator=gen(5)))  # the first x_t is the x_T draw
+
+
+@pytest.mark.parametrize("sampler,eta", [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.7)])
+def test_each_seed_gives_its_image_whatever_it_is_batched_with(sampler, eta):
+    """sample_seeds: image i is sample(n=1, seed=seeds[i]), in any batch, with any neighbours."""
+    kw = dict(image_shape=(1, 4, 4), sampler=sampler, steps=10, eta=eta, variance="fixed_small")
+    seeds = [3, 0, 12, 3]
+    x = sample_seeds(analytic, S, seeds, batch_size=3, **kw)
+    alone = torch.cat([sample(analytic, S, n=1, seed=s, progress=False, **kw) for s in seeds])
+    assert x.shape == (4, 1, 4, 4) and torch.equal(x[0], x[3]) and not torch.equal(x[0], x[1])
+    torch.testing.assert_close(x, alone, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sample_seeds(analytic, S, [12, 5], batch_size=8, **kw)[0], x[2], rtol=0, atol=1e-6)
+    assert sample_seeds(analytic, S, [], **kw).shape == (0, 1, 4, 4)
