@@ -150,7 +150,7 @@ def study(path: str, gpu: bool = False, concurrency: int = 1, project: str | Non
     if concurrency > 1 and "train.threads" not in overrides:
         overrides["train.threads"] = threads_per_point(concurrency)
         spec = Study(spec.name, spec.description, overrides, spec.bundles, spec.grids, spec.reference)
-    experiment = load_params(root / "params.yaml").mlflow["experiment"]
+    experiment = load_params(root / "params.yaml").mlflow.experiment
     with project_root_env(root):
         return _run_study(root, spec, concurrency, experiment)
 
