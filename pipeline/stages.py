@@ -126,8 +126,10 @@ def train(p: Params) -> None:
                       [(i + 1, f"{v:.6g}") for i, v in enumerate(result.losses.tolist())])
 
 
-def load_ema_model(device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], NoiseSchedule]:
-    ckpt = load_checkpoint(paths.MODEL, map_location=device)
+def load_ema_model(device: torch.device, path: Path = paths.MODEL) -> tuple[torch.nn.Module, dict[str, Any],
+                                                                          NoiseSchedule]:
+    """The EMA network of train's checkpoint (build/model.pt, or another run's copy), its meta and schedule."""
+    ckpt = load_checkpoint(path, map_location=device)
     meta = ckpt["meta"]
     shape = meta["image_shape"]
     width = output_channels(shape[0], meta["diffusion"]["variance"])  # 2C for a learned variance

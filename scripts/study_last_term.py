@@ -26,29 +26,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddpm_core.checkpoint import load_checkpoint  # noqa: E402
 from ddpm_core.data import to_model_range  # noqa: E402
-from ddpm_core.diffusion import output_channels, q_sample  # noqa: E402
+from ddpm_core.diffusion import q_sample  # noqa: E402
 from ddpm_core.elbo import vb_terms_bpd  # noqa: E402
-from ddpm_core.schedules import NoiseSchedule  # noqa: E402
 from ddpm_core.stats import mean_estimate, paired_difference  # noqa: E402
-from ddpm_core.unet import build_unet  # noqa: E402
 from flows.points import read_exp_file  # noqa: E402
+from pipeline.stages import load_ema_model  # noqa: E402
 
 
 def load_net(blob: bytes):
+    """A study model's EMA network, meta and schedule from its experiment's build/model.pt bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "model.pt").write_bytes(blob)
-        ckpt = load_checkpoint(Path(tmp) / "model.pt", map_location="cpu")
-    meta = ckpt["meta"]
-    shape = meta["image_shape"]
-    net = build_unet(meta["model"], shape[0], shape[1], output_channels(shape[0], meta["diffusion"]["variance"]))
-    net.load_state_dict({k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")})
-    return net.eval(), meta, NoiseSchedule.from_betas(ckpt["schedule_betas"].numpy())
+        return load_ema_model(torch.device("cpu"), Path(tmp) / "model.pt")
 
 
 @torch.no_grad()
-def last_terms(net, meta, schedule: NoiseSchedule, images: np.ndarray, ids: np.ndarray, seed: int) -> np.ndarray:
+def last_terms(net, meta, schedule, images: np.ndarray, ids: np.ndarray, seed: int) -> np.ndarray:
     out = []
     for start in range(0, len(ids), 250):
         x0 = to_model_range(images[start:start + 250])
