@@ -14,6 +14,7 @@ The MLflow parent run `study-NAME` has a child run per point; the Prefect flow r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 import itertools
 from pathlib import Path
@@ -30,7 +31,7 @@ from prefect.states import Completed, Failed  # noqa: E402
 
 from flows import summary  # noqa: E402
 from flows.points import NAME_RE, Point, PointResult, git  # noqa: E402
-from flows.sweep import log_differences, project_root_env, submit_points, threads_per_point  # noqa: E402
+from flows.sweep import check_sweep, log_differences, project_root_env, submit_points, threads_per_point  # noqa: E402
 from pipeline import tracking  # noqa: E402
 from pipeline.params import ParamsError, load_params  # noqa: E402
 
@@ -144,12 +145,9 @@ def study(path: str, gpu: bool = False, concurrency: int = 1, project: str | Non
     summary, contrasts, plots and sample sheets to reports/studies/NAME/. gpu: the file's larger gpu_budget."""
     root = Path(project or ".").resolve()
     spec = load_study(root / path if not Path(path).is_absolute() else Path(path), gpu)
-    if concurrency < 1:
-        raise ParamsError(f"concurrency = {concurrency} is not allowed: must be >= 1")
-    overrides = dict(spec.overrides)
-    if concurrency > 1 and "train.threads" not in overrides:
-        overrides["train.threads"] = threads_per_point(concurrency)
-        spec = Study(spec.name, spec.description, overrides, spec.bundles, spec.grids, spec.reference)
+    check_sweep(root, spec.name, concurrency, None)
+    if concurrency > 1 and "train.threads" not in spec.overrides:
+        spec = dataclasses.replace(spec, overrides={**spec.overrides, "train.threads": threads_per_point(concurrency)})
     experiment = load_params(root / "params.yaml").mlflow.experiment
     with project_root_env(root):
         return _run_study(root, spec, concurrency, experiment)

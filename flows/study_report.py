@@ -25,7 +25,7 @@ from ddpm_core.stats import Estimate
 
 from . import analysis
 from .points import PointResult, read_exp_file, short_key
-from .summary import fmt
+from .summary import fmt, markdown
 
 if TYPE_CHECKING:
     from .study import Study
@@ -156,15 +156,8 @@ def contrasts_markdown(name: str, frame: pd.DataFrame) -> str:
         table["difference (95% CI)"] = [f"{fmt(d)} ({fmt(lo)} to {fmt(hi)})" for d, lo, hi in
                                         zip(rows["diff"], rows["ci_low"], rows["ci_high"])]
         table["verdict"] = rows["verdict"]
-        parts += [f"## {axis}: {metric}", "", _md(table), ""]
+        parts += [f"## {axis}: {metric}", "", markdown(table, list(table.columns)), ""]
     return "\n".join(parts)
-
-
-def _md(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(fmt(v) for v in row) + " |")
-    return "\n".join(lines)
 
 
 # --- plots -----------------------------------------------------------------------------------------------
