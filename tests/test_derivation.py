@@ -213,6 +213,30 @@ def test_log_space_keeps_sigma_positive_and_the_kl_free_of_the_scale_of_beta():
     assert grads[0][2] / grads[1][2] == pytest.approx(1e3, rel=1e-9)  # in sigma^2 the gradient scales as 1/beta
 
 
+@pytest.mark.parametrize("beta_tilde,error", [(5.45e-5, 0.0), (5.45e-5, 0.01), (0.02, 0.3), (0.5, 1.0)])
+def test_the_bound_asks_for_sigma2_equal_to_beta_tilde_plus_the_squared_mean_error(beta_tilde, error):
+    """d/d sigma^2 of KL(N(mu_tilde, beta_tilde) || N(mu_tilde + e, sigma^2)) is 0 at sigma^2 = beta_tilde + e^2."""
+    best = math.log(beta_tilde + error**2)
+    log_var = torch.tensor(best, dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros((), dtype=torch.float64)
+    kl = normal_kl(zero, torch.tensor(math.log(beta_tilde), dtype=torch.float64), zero + error, log_var)
+    (g,) = torch.autograd.grad(kl, log_var)
+    assert abs(float(g)) < 1e-12
+    for step in (-0.1, 0.1):
+        other = normal_kl(zero, torch.tensor(math.log(beta_tilde), dtype=torch.float64), zero + error,
+                          torch.tensor(best + step, dtype=torch.float64))
+        assert float(other) > float(kl.detach())
+
+
+@pytest.mark.parametrize("name,T", SCHEDULE_GRID)
+def test_the_two_ends_are_the_optima_for_one_point_and_for_gaussian_data(name, T):
+    """beta_tilde_t + coef1_t^2 Var(x_0 | x_t): Var = 0 (one point) gives beta_tilde_t, x_0 ~ N(0, I) has
+    Var(x_0 | x_t) = 1 - abar_t and gives beta_t, for every t >= 2."""
+    s = NoiseSchedule.named(name, T)
+    gaussian = s.posterior_variance + s.posterior_mean_coef1**2 * (1 - s.alphas_cumprod)
+    np.testing.assert_allclose(gaussian[1:], s.betas[1:], rtol=1e-10)
+
+
 # --- section 11: the hybrid and vlb losses --------------------------------------------------------------------
 def _batch(T: int, n: int = 6, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
