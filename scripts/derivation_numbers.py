@@ -11,6 +11,7 @@ LossSecondMomentSampler and train.batch_size draws per step (the losses themselv
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 import sys
 
@@ -29,9 +30,13 @@ def schedule_numbers(name: str, T: int, gamma: float) -> str:
     ratio = s.betas[1:] / s.posterior_variance[1:]  # beta_t / beta_tilde_t for t >= 2
     snr = s.alphas_cumprod / (1 - s.alphas_cumprod)
     first = lambda mask: int(np.flatnonzero(mask)[0]) + 1  # noqa: E731  1-based t
+    # frac beta + (1 - frac) beta_tilde < 0 once v < -1 - 2 beta_tilde / (beta - beta_tilde), frac = (v + 1) / 2
+    v_negative = -1 - 2 / (ratio[0] - 1)
+    inv_var = 1 / s.betas[0], 1 / s.posterior_variance[1]  # d(log sigma^2) / d(sigma^2) at t = 1, both ends
     return (f"{name} T={T}: beta_1 / beta_tilde_2 = {s.betas[0] / s.posterior_variance[1]:.3f}; beta_t / beta_tilde_t "
-            f"= {ratio[0]:.3f} at t = 2, below 1.01 from t = {first(ratio < 1.01) + 1}; SNR_1 = {snr[0]:.4g}; "
-            f"SNR_t <= {gamma:g} from t = {first(snr <= gamma)}, <= 1 from t = {first(snr <= 1)}")
+            f"= {ratio[0]:.3f} at t = 2, below 1.01 from t = {first(ratio < 1.01) + 1}; variance-space mix negative "
+            f"at t = 2 for v < {v_negative:.3f}; 1 / sigma_1^2 from {inv_var[0]:.4g} to {inv_var[1]:.4g}; "
+            f"SNR_1 = {snr[0]:.4g}; SNR_t <= {gamma:g} from t = {first(snr <= gamma)}, <= 1 from t = {first(snr <= 1)}")
 
 
 def warmup_steps(T: int, batch: int, seed: int) -> int:
@@ -57,7 +62,7 @@ def main() -> None:
     steps = np.array([warmup_steps(a.T, a.batch, seed) for seed in range(a.runs)])
     lo, hi = np.percentile(steps, [2.5, 97.5])
     print(f"importance sampling of t, T={a.T}, batch {a.batch}: uniform for the first {steps.mean():.0f} steps "
-          f"on average (at least {HISTORY * a.T / a.batch:.0f}; {a.runs} simulated runs: min {steps.min()}, "
+          f"on average (at least {math.ceil(HISTORY * a.T / a.batch)}; {a.runs} simulated runs: min {steps.min()}, "
           f"max {steps.max()}, 2.5-97.5% {lo:.0f} to {hi:.0f})")
 
 
