@@ -83,7 +83,8 @@ def print_floors(s: NoiseSchedule, name: str, sigmas: tuple[float, ...]) -> None
     print(f"{name} T={s.T}: fixed sigma_1^2 = beta_tilde_2 = {sigma**2:.4g}, sigma_1 = {sigma:.4g} "
           f"= {sigma / H:.2f} h, h = 1/255 = {H:.4g}, h/sigma_1 = {H / sigma:.3f}")
     inside = math.erf(H / sigma / math.sqrt(2))
-    print(f"interior pixel: P <= 2 Phi({H / sigma:.3f}) - 1 = {inside:.4f}, i.e. >= {interior_floor_bits(sigma):.3f} bits")
+    print(f"interior pixel: P <= 2 Phi({H / sigma:.3f}) - 1 = {inside:.4f}, "
+          f"i.e. >= {interior_floor_bits(sigma):.3f} bits")
     print(f"pixel at 0 or 255 with the mean on it: P = {phi(H / sigma):.4f} ({edge_bits(sigma):.3f} bits); "
           "with the mean pushed outwards: -> 0 bits")
     print("interior floor against sigma: " + ", ".join(f"{x:g}: {interior_floor_bits(x):.2f} bits" for x in sigmas))
@@ -131,7 +132,8 @@ def print_learned_decoder(path: Path, images: np.ndarray, seed: int, batch: int 
                               "learned_range", meta["diffusion"]["objective"])
         log_scale = 0.5 * out["log_variance"]
         learned.append(-mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], log_scale)) / LN2)
-        fixed.append(-mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], torch.full_like(x0, fixed_scale))) / LN2)
+        fixed_log_scale = torch.full_like(x0, fixed_scale)
+        fixed.append(-mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], fixed_log_scale)) / LN2)
         sigma.append(torch.exp(log_scale).flatten())
         keep = x0.abs() < 0.999
         error.append((out["mean"] - x0).abs()[keep].double())
@@ -157,7 +159,8 @@ def main() -> None:
     ap.add_argument("--schedule", default="linear")
     ap.add_argument("--T", type=int, default=1000)
     ap.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS))
-    ap.add_argument("--data", default=None, help="build/data.npz of a prepared run (with --checkpoint and no --data: Fashion-MNIST)")
+    ap.add_argument("--data", default=None,
+                    help="build/data.npz of a prepared run (with --checkpoint and no --data: Fashion-MNIST)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="a learned_range model's checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=1000)

@@ -142,7 +142,8 @@ def main() -> None:
             i = int(np.flatnonzero(t_values == t1)[0])
             f, lv = stats["frac"][i], stats["log_var"][i]
             print(f"t = {t1}: frac median {f[1]:.3f} (5-95% {f[0]:.3f} to {f[2]:.3f}); sigma_t median "
-                  f"{np.exp(0.5 * lv[1]):.5g}; between log beta_tilde_t = {s.posterior_log_variance_clipped[t1 - 1]:.4f} "
+                  f"{np.exp(0.5 * lv[1]):.5g}; between log beta_tilde_t = "
+                  f"{s.posterior_log_variance_clipped[t1 - 1]:.4f} "
                   f"and log beta_t = {np.log(s.betas[t1 - 1]):.4f}; v outside [-1, 1]: {stats['outside'][i]:.4f}")
     print(f"v outside [-1, 1] over all t of the grid: max share {stats['outside'].max():.4f}")
 
