@@ -1,5 +1,6 @@
 """The walkthroughs (docs/derivation.md and its Korean version) and the README's links to them: every
-relative link and image resolves, and every [`symbol`](file.py) link names something defined in that file."""
+relative link and image resolves, every [`symbol`](file.py) link names something defined in that file, and the
+two languages carry the same formulas."""
 
 import ast
 import re
@@ -11,6 +12,9 @@ from project import ROOT
 
 DOCS = [ROOT / "docs" / "derivation.md", ROOT / "docs" / "derivation.ko.md"]
 LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
+DISPLAY = re.compile(r"\$\$(.*?)\$\$", re.S)
+INLINE = re.compile(r"(?<!\\)\$(.+?)(?<!\\)\$")
+GUIDE_TITLE = "Diffusion Model과 DDPM 수식 유도 가이드"
 SYMBOL = re.compile(r"^`([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)`$")
 
 
@@ -56,7 +60,8 @@ def test_every_relative_link_and_image_resolves(doc):
     assert not missing, missing
     images = {t for img, t in found if img}
     assert {"../reports/figures/noising.png", "../reports/figures/schedules.png", "../reports/figures/loss_weights.png",
-            "../reports/figures/denoising.png", "../reports/bpd_per_t.png"} <= images
+            "../reports/figures/denoising.png", "../reports/bpd_per_t.png",
+            "../reports/figures/learned_variance.png"} <= images
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
@@ -83,6 +88,34 @@ def test_the_two_versions_link_the_same_code_and_figures():
         return {(label if not img else "", t) for img, label, t in links(doc) if local(t) and not t.endswith(".md")}
     en, ko = targets(DOCS[0]), targets(DOCS[1])
     assert en == ko, (en - ko, ko - en)
+
+
+def normalised(tex: str) -> str:
+    """A formula up to spacing, trailing punctuation and the words inside \\text{} (each document's language)."""
+    tex = re.sub(r"\\text\{[^}]*\}", r"\\text{}", tex)
+    return re.sub(r"\s+", "", tex).rstrip(".,;")
+
+
+def formulas(doc: Path) -> tuple[list[str], set[str]]:
+    """The display formulas ($$...$$) in order, and the set of inline ones ($...$), outside code."""
+    text = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    display = [normalised(d) for d in DISPLAY.findall(text)]
+    inline = {normalised(i) for i in INLINE.findall(DISPLAY.sub(" ", text))}
+    return display, inline
+
+
+def test_the_two_versions_carry_the_same_formulas():
+    (en_display, en_inline), (ko_display, ko_inline) = formulas(DOCS[0]), formulas(DOCS[1])
+    assert len(en_display) >= 50 and len(en_inline) >= 300, "the extraction finds the formulas"
+    assert en_display == ko_display, [(i, e, k) for i, (e, k) in enumerate(zip(en_display, ko_display)) if e != k][:3]
+    assert en_inline == ko_inline, (sorted(en_inline - ko_inline), sorted(ko_inline - en_inline))
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_the_guide_is_cited_by_its_title_not_as_a_file_of_this_repository(doc):
+    text = " ".join(doc.read_text(encoding="utf-8").split())  # the title may wrap
+    assert GUIDE_TITLE in text and "guide.ko.md" not in text
 
 
 def test_readme_links_both_walkthroughs_and_they_resolve():
