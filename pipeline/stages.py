@@ -150,14 +150,14 @@ def sample(p: Params) -> None:
     start = time.perf_counter()
     x = draw_samples(net, schedule, s.n, tuple(meta["image_shape"]), s.seed, s.sampler, steps,
                      s.eta, s.batch_size, p.diffusion.variance, p.diffusion.objective, s.clip_x0,
-                     device)
+                     device, order=s.order)
     seconds = time.perf_counter() - start
     images = from_model_range(x).numpy()
     np.savez(paths.SAMPLES, images=images)
     reports.save_grid(images[:64], paths.SAMPLE_GRID)
-    write_json(paths.SAMPLE_STATS, {"sample_seconds": seconds, "n": s.n, "sampler": s.sampler,
+    write_json(paths.SAMPLE_STATS, {"sample_seconds": seconds, "n": s.n, "sampler": s.sampler, "order": s.order,
                                     "steps": steps, "device": str(device)})
-    print(f"sample: {s.n} samples in {seconds:.1f} s ({s.sampler}, {steps} steps)")
+    print(f"sample: {s.n} samples in {seconds:.1f} s ({s.sampler}, {steps} network evaluations)")
 
 
 # --- evaluate --------------------------------------------------------------------------------------------
@@ -237,8 +237,8 @@ def log_to_mlflow(p: Params, net: torch.nn.Module, schedule: NoiseSchedule, meta
 def sampling_defaults(p: Params, T: int) -> dict[str, Any]:
     """How the registered generator samples unless a request says otherwise: as the sample stage did."""
     s = p.sample
-    return {"sampler": s.sampler, "steps": sample_steps(s, T), "eta": s.eta, "clip_x0": s.clip_x0,
-            "batch_size": s.batch_size}
+    return {"sampler": s.sampler, "steps": sample_steps(s, T), "eta": s.eta, "order": s.order,
+            "clip_x0": s.clip_x0, "batch_size": s.batch_size}
 
 
 def model_description(p: Params, meta: dict[str, Any], metrics: dict[str, Any]) -> str:
@@ -251,8 +251,8 @@ def model_description(p: Params, meta: dict[str, Any], metrics: dict[str, Any]) 
             f"{m['bpd_ci_high']:.3f}, {m['n_bpd']} test images); FID-proxy {m['fid_proxy']:.2f} (95% CI "
             f"{m['fid_proxy_ci_low']:.2f} to {m['fid_proxy_ci_high']:.2f}, {m['n_fid']} samples). predict: rows "
             f"with a `seed` column -> uint8 images [N, {', '.join(str(v) for v in meta['image_shape'])}], one "
-            f"per seed; params sampler, steps, eta, clip_x0 (defaults {s['sampler']}, {s['steps']}, {s['eta']}, "
-            f"{str(s['clip_x0']).lower()}).")
+            f"per seed; params sampler, steps, eta, order, clip_x0 (defaults {s['sampler']}, {s['steps']}, "
+            f"{s['eta']}, {s['order']}, {str(s['clip_x0']).lower()}).")
 
 
 def write_reports(p: Params, metrics: dict[str, Any], bound: BoundEstimate, losses: dict[str, np.ndarray]) -> None:
