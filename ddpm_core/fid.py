@@ -8,7 +8,8 @@ featurizer file (same data checksum, same seed), not with published FIDs. Report
     kid_proxy         unbiased kernel (KID-style, cubic polynomial) MMD^2 in the same features, with its
                       standard error over disjoint subsets
     classifier_accuracy, n_fid
-True FID is available through `inception_featurizer` when a user has Inception-v3 weights on disk.
+The standard FID (pytorch-fid's Inception-v3 pool3 features) comes from `inception.inception_featurize` when the
+user has its weights; `report_from_features(..., fid_key="fid", kid_key="kid")` names its keys.
 """
 
 from __future__ import annotations
@@ -221,49 +222,17 @@ def fid_proxy_report(featurize: Featurize, samples: torch.Tensor, data: ImageDat
     return report_from_features(fid_features(featurize, samples, data, n, seed), seed, reps)
 
 
-def report_from_features(f: FidFeatures, seed: int = 0, reps: int = 200) -> dict[str, Any]:
-    """FID-proxy and its floor, each with a bootstrap 95% interval over samples and reference images, and
-    KID-proxy with its standard error over disjoint subsets, from features of fid_features."""
-    n = len(f.gen)
-    fid = fid_bootstrap(f.gen, f.test, reps, seed)
+def report_from_features(f: FidFeatures, seed: int = 0, reps: int = 200, fid_key: str = "fid_proxy",
+                         kid_key: str = "kid_proxy") -> dict[str, Any]:
+    """FID and its floor, each with a bootstrap 95% interval over samples and reference images, and KID with
+    its standard error over disjoint subsets, from features of fid_features; keys fid_key, fid_key_floor,
+    kid_key, ... (fid_proxy for the classifier's features, fid for Inception's)."""
+    n, fk, kk = len(f.gen), fid_key, kid_key
+    distance = fid_bootstrap(f.gen, f.test, reps, seed)
     floor = fid_bootstrap(f.train, f.test, reps, seed + 1)
     kid_gen, kid_floor = kid(f.gen, f.test, seed=seed), kid(f.train, f.test, seed=seed)
     return {
-        **fid.as_dict("fid_proxy"), **floor.as_dict("fid_proxy_floor"),
-        "kid_proxy": kid_gen[0], "kid_proxy_stderr": kid_gen[1],
-        "kid_proxy_floor": kid_floor[0], "kid_proxy_floor_stderr": kid_floor[1],
+        **distance.as_dict(fk), **floor.as_dict(f"{fk}_floor"),
+        kk: kid_gen[0], f"{kk}_stderr": kid_gen[1], f"{kk}_floor": kid_floor[0], f"{kk}_floor_stderr": kid_floor[1],
         "n_fid": n, "n_fid_reference": len(f.test), "fid_bootstrap_reps": reps,
     }
-
-
-def inception_featurizer(weights_path: str | Path, device: str | torch.device = "cpu") -> Featurize:
-    """True FID features (2048-d pool) from torchvision's Inception-v3 with a state dict the user has on disk.
-
-    Nothing is downloaded: a missing file is an error. Gray images are repeated to 3 channels and resized to
-    299 x 299 bilinearly. torchvision's ImageNet weights differ slightly from the TF FID Inception, so compare
-    only numbers computed with the same weights file.
-    """
-    from torchvision.models import inception_v3
-
-    path = Path(weights_path)
-    if not path.exists():
-        raise FileNotFoundError(f"Inception weights not found at {path}; true FID needs them on disk "
-                                f"(nothing is downloaded)")
-    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    net.fc = nn.Identity()
-    net.eval().to(device)
-
-    @torch.no_grad()
-    def featurize(images: torch.Tensor) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), 64):
-            x = images[i:i + 64].to(device).float() / 255.0
-            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            mean = torch.tensor([0.485, 0.456, 0.406], device=device)[:, None, None]
-            std = torch.tensor([0.229, 0.224, 0.225], device=device)[:, None, None]
-            out.append(net((x - mean) / std).double().cpu())
-        return torch.cat(out).numpy()
-
-    return featurize

@@ -7,7 +7,7 @@ import torch
 from ddpm_core.checkpoint import CheckpointError
 from ddpm_core.data import load_digits
 from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_from_features, fid_proxy_report,
-                           fid_bootstrap, frechet_distance, inception_featurizer, kid, load_or_train_featurizer)
+                           fid_bootstrap, frechet_distance, kid, load_or_train_featurizer)
 
 
 def test_frechet_distance_closed_forms():
@@ -126,7 +126,3 @@ def test_report_orders_real_noise_and_floor(digits_featurizer):
     with pytest.raises(ValueError, match="need 300 samples"):
         fid_proxy_report(featurize, real, data, 300)
 
-
-def test_true_fid_needs_weights_on_disk(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        inception_featurizer(tmp_path / "inception.pth")
