@@ -9,8 +9,8 @@ Glossary (code name = paper symbol; x_t = alpha_t x_0 + sigma_t eps, as in q_sam
     x0_hats         x_theta(x_{t_j}, t_j), the network's data predictions, newest first (clipped with clip_x0)
     D0, D1, D2      the predictions' value, h x_theta' and (h^2 / 2) x_theta'' in lambda, by finite differences
 
-Written in lambda, the probability-flow ODE is linear in x apart from x_theta, and its exact solution from s to
-t (DPM-Solver++ section 4; the noise-prediction form is DPM-Solver's eq. (3.4)) is
+Written in lambda, the probability-flow ODE is linear in x apart from x_theta: d(x / sigma)/dlambda = e^lambda x_theta.
+Its exact solution from s to t (DPM-Solver++'s data-prediction counterpart of DPM-Solver's eq. (3.4)) is
     (E1)  x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^lambda x_theta(x_lambda, lambda) dlambda.
 Replacing x_theta by a polynomial in lambda through the last k predictions and integrating exactly gives order k:
     (E2)  k = 1:  x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) D0                      (DDIM with eta = 0)

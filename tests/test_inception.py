@@ -13,7 +13,7 @@ import torch
 
 from ddpm_core.checkpoint import CheckpointError
 from ddpm_core.data import load_digits
-from ddpm_core.fid import frechet_distance, gaussian_stats
+from ddpm_core.fid import fid_from_features, frechet_distance, frechet_distance_low_rank, gaussian_stats
 from ddpm_core.inception import (FEATURE_DIM, WEIGHTS_FILE, WEIGHTS_URL, MissingWeightsError, find_weights,
                                  inception_featurize, load_inception)
 
@@ -35,9 +35,19 @@ def test_frechet_distance_equals_pytorch_fids(n, d):
     rng = np.random.default_rng(n)
     a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
     b = 0.7 * rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 0.3
-    ours = frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
     theirs = calculate_frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
-    assert ours == pytest.approx(theirs, rel=1e-7)
+    assert frechet_distance(*gaussian_stats(a), *gaussian_stats(b)) == pytest.approx(theirs, rel=1e-7)
+    assert frechet_distance_low_rank(a, b) == pytest.approx(theirs, rel=1e-7)   # the sample-space path
+    assert fid_from_features(a, b) == pytest.approx(theirs, rel=1e-7)
+
+
+def test_the_sample_space_path_is_what_2048_d_features_of_few_images_take():
+    """n < D: fid_from_features works in sample space and agrees with feature space (whose 2048 x 2048
+    eigendecompositions of rank-59 matrices add the square roots of round-off: 3.5e-8 relative here)."""
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(60, 2048)), 1.1 * rng.normal(size=(50, 2048)) + 0.05
+    assert fid_from_features(a, b) == pytest.approx(frechet_distance(*gaussian_stats(a), *gaussian_stats(b)),
+                                                    rel=1e-7)
 
 
 def test_features_equal_pytorch_fids_with_the_same_weights(random_weights, tmp_path, monkeypatch):

@@ -233,7 +233,9 @@ def test_inception_fid_beside_the_proxy_on_the_same_samples(project, tmp_path, m
     p = load_params(project / "params.yaml")
     report, _ = stages.evaluate_samples(p, stages.load_prepared(), torch.device("cpu"), tmp_path / "inception.pth")
     metrics = json.loads((project / paths.METRICS).read_text())
-    assert report["fid_proxy"] == pytest.approx(metrics["fid_proxy"], rel=1e-9)
+    # the same features: equal up to the path (evaluate at main ran this in feature space; n = 40 < 128 now
+    # takes the sample-space path, exact too): 1e-7 relative seen
+    assert report["fid_proxy"] == pytest.approx(metrics["fid_proxy"], rel=1e-6)
     assert report["fid_ci_low"] <= report["fid"] <= report["fid_ci_high"] and report["fid"] > 0
     assert report["fid_floor"] >= 0 and report["kid_stderr"] > 0 and report["n_fid"] == 40
     with np.load(paths.FID_FEATURES) as z:
