@@ -4,7 +4,9 @@ Every configuration (sampler x evaluations) draws --n samples from the same x_T 
 starts from the same x_T whatever the sampler), scored in the FID-proxy features `evaluate` uses, against the
 same --n test images. Reported per configuration: FID-proxy with its 95% bootstrap interval (samples and reference
 resampled), the paired difference against DDIM at 30 evaluations (today's default) with its 95% interval
-(bootstrap on the shared reference, ddpm_core.fid.fid_bootstrap(..., minus=)), and the seconds of sampling.
+(ddpm_core.fid.fid_bootstrap(..., minus=, paired_rows=True): the shared reference resampled once for both sides,
+and sample i of both configurations, which start from the same x_T, resampled together), and the seconds of
+sampling.
 The goal check: DPM-Solver++ 2M at 10 evaluations minus DDIM at 30; it holds when that interval includes 0 or
 lies below it. Intervals cover the sampling noise (samples, reference images), not training's (one model).
 
@@ -92,11 +94,12 @@ def draw(net, schedule, p, data, name: str, steps: int, n: int, batch: int) -> t
 
 
 def score(features: FidFeatures, base: FidFeatures | None, reps: int) -> dict:
-    """FID-proxy with its interval, and minus the baseline's on the same reference (paired bootstrap)."""
+    """FID-proxy with its interval, and minus the baseline's: the same reference, and row i of both from the same
+    x_T (a bootstrap paired on both sides)."""
     fid = fid_bootstrap(features.gen, features.test, reps, 0)
     out = {"fid_proxy": fid.mean, "fid_proxy_ci_low": fid.ci_low, "fid_proxy_ci_high": fid.ci_high}
     if base is not None:
-        d = fid_bootstrap(features.gen, features.test, reps, 0, minus=base.gen)
+        d = fid_bootstrap(features.gen, features.test, reps, 0, minus=base.gen, paired_rows=True)
         out |= {"minus_baseline": d.mean, "minus_baseline_ci_low": d.ci_low, "minus_baseline_ci_high": d.ci_high}
     return out
 
@@ -130,7 +133,8 @@ def goal_sentence(summary: dict) -> str:
                "does not hold: the interval lies above 0")
     return (f"Goal: {LABELS[GOAL[0]]} at {GOAL[1]} evaluations minus DDIM at {BASELINE[1]}: "
             f"{g['minus_baseline']:+.2f} (95% CI {g['minus_baseline_ci_low']:+.2f} to "
-            f"{g['minus_baseline_ci_high']:+.2f}), paired on the same {g['n']} reference images; the goal {verdict}.")
+            f"{g['minus_baseline_ci_high']:+.2f}), paired over the same {g['n']} x_T and {g['n']} reference images; "
+            f"the goal {verdict}.")
 
 
 def markdown(summary: dict) -> str:
@@ -149,11 +153,14 @@ def markdown(summary: dict) -> str:
             f"{args['n']} samples per configuration from the same x_T seeds, against {args['n']} test images in the "
             f"FID-proxy features (classifier test accuracy {summary['classifier_accuracy']:.3f}); x_0 clipped to "
             f"[-1, 1] for every sampler; DPM-Solver++ on diffusers' linspace grid. Intervals: bootstrap over samples "
-            f"and reference images ({args['reps']} replicates); differences are paired on the same reference. "
+            f"and reference images ({args['reps']} replicates); differences are paired twice: the same reference "
+            f"images, and "
+            f"sample i of both configurations starts from the same x_T (they are resampled together). "
             f"Real-vs-real floor at this n: {f['fid_proxy']:.2f} ({f['ci_low']:.2f} to {f['ci_high']:.2f}). "
             f"One trained model: the intervals cover sampling noise, not training's.\n\n"
             + "\n".join(lines) + f"\n\n{goal_sentence(summary)}\n\n![FID-proxy against evaluations]({args['stem']}.png)"
-            f"\n\nSamples: ![DDIM-30]({args['stem']}_ddim_30.png) ![DPM-Solver++ 2M, 10]({args['stem']}_dpm2m_10.png)\n")
+            f"\n\nSamples: ![DDIM-30]({args['stem']}_ddim_30.png) "
+            f"![DPM-Solver++ 2M, 10]({args['stem']}_dpm2m_10.png)\n")
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -221,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         model = f"{args.model.name}: {meta['dataset']}, {p.diffusion.schedule} T = {schedule.T}"
     with torch.no_grad():
         summary = run_all(net, schedule, p, data, classifier_featurize(feat), args)
-    summary |= {"command": "PYTHONPATH=. .venv/bin/python benchmarks/bench_samplers.py " + " ".join(argv or sys.argv[1:]),
+    command = "PYTHONPATH=. .venv/bin/python benchmarks/bench_samplers.py " + " ".join(argv or sys.argv[1:])
+    summary |= {"command": command,
                 "machine": machine(), "model": model, "classifier_accuracy": info["accuracy"],
                 "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     summary["goal"] = goal_sentence(summary)

@@ -83,7 +83,8 @@ def step_order(i: int, n: int, order: int) -> int:
 
 
 def dpm_solver_step(x: torch.Tensor, x0_hats: Sequence[torch.Tensor], lambdas: Sequence[float], alpha_t: float,
-                    sigma_t: float, sigma_s: float, eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+                    sigma_t: float, sigma_s: float, eta: float = 0.0,
+                    noise: torch.Tensor | None = None) -> torch.Tensor:
     """x at lambdas[0] from x at lambdas[1], by (E2)-(E5) of the module docstring.
 
     x0_hats: the last k data predictions, newest first (k = the order); lambdas: [lambda_t, lambda_s,

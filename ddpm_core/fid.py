@@ -217,16 +217,24 @@ def fid_features(featurize: Featurize, samples: torch.Tensor, data: ImageData, n
 
 
 def fid_bootstrap(a: np.ndarray, b: np.ndarray, reps: int, seed: int,
-                  minus: np.ndarray | None = None) -> Estimate:
+                  minus: np.ndarray | None = None, paired_rows: bool = False) -> Estimate:
     """FID(a, b) (or, with `minus`, FID(a, b) - FID(minus, b): a paired difference on the same reference b)
     with a 95% interval from the bootstrap sd: each replicate resamples every feature set with replacement,
-    the shared reference once for both sides. A distance's interval is cut at 0 (small n can reach below)."""
+    the shared reference once for both sides. With paired_rows, row i of `a` and of `minus` share a unit (e.g.
+    samples drawn from the same x_T seed) and are resampled together: common random numbers on the sample side
+    too. A distance's interval is cut at 0 (small n can reach below)."""
+    if paired_rows and (minus is None or len(minus) != len(a)):
+        raise ValueError("paired_rows needs `minus` with one row per row of `a`")
+
     def stat(fa: np.ndarray, fb: np.ndarray, fm: np.ndarray | None) -> float:
         return fid_from_features(fa, fb) - (fid_from_features(fm, fb) if fm is not None else 0.0)
 
     def replicate(rng: np.random.Generator) -> float:
         def pick(f: np.ndarray) -> np.ndarray:
             return f[rng.integers(0, len(f), len(f))]
+        if paired_rows:
+            rows = rng.integers(0, len(a), len(a))
+            return stat(a[rows], pick(b), minus[rows])
         return stat(pick(a), pick(b), pick(minus) if minus is not None else None)
 
     est = bootstrap(replicate, stat(a, b, minus), reps, seed, len(a))
