@@ -151,6 +151,22 @@ def model_t(s: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
     return torch.tensor(s.timestep_map, device=t.device)[t]
 
 
+def predict_x0(model: EpsModel, s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, variance: Variance,
+               objective: Objective, clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x0_hat [N, C, H, W], the learned-variance v or None): one network pass, the prediction turned into x_0
+    and, with clip_x0, clipped to [-1, 1]."""
+    out = model(x_t, model_t(s, t)).to(x_t.dtype)
+    pred, v = split_output(out, x_t.shape[1], variance)
+    x0_hat = x0_from_prediction(s, x_t, t, pred, objective)
+    return (x0_hat.clamp(-1.0, 1.0) if clip_x0 else x0_hat), v
+
+
+def data_prediction(model: EpsModel, s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, variance: Variance,
+                    objective: Objective, clip_x0: bool) -> torch.Tensor:
+    """x_theta(x_t, t): the mean part of the network's output as x0_hat (a learned variance is not used)."""
+    return predict_x0(model, s, x_t, t, variance, objective, clip_x0)[0]
+
+
 def p_mean_variance(model: EpsModel, s: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
                     variance: Variance = "fixed_small", objective: Objective = "eps",
                     clip_x0: bool = False) -> dict[str, torch.Tensor]:
@@ -159,11 +175,7 @@ def p_mean_variance(model: EpsModel, s: NoiseSchedule, x_t: torch.Tensor, t: tor
     With variance 'learned_range' the model returns [N, 2C, H, W]; the first C channels are the prediction
     (`objective`), the last C give the log-variance (returned per element, shape of x_t, with `v`).
     """
-    out = model(x_t, model_t(s, t)).to(x_t.dtype)
-    pred, v = split_output(out, x_t.shape[1], variance)
-    x0_hat = x0_from_prediction(s, x_t, t, pred, objective)
-    if clip_x0:
-        x0_hat = x0_hat.clamp(-1.0, 1.0)
+    x0_hat, v = predict_x0(model, s, x_t, t, variance, objective, clip_x0)
     mean, _, _ = q_posterior_mean_variance(s, x0_hat, x_t, t)
     var, log_var = p_variance(s, t, x_t, variance) if v is None else learned_range_variance(s, t, v)
     result = {"mean": mean, "variance": var, "log_variance": log_var, "pred_x0": x0_hat,

@@ -8,7 +8,8 @@ featurizer file (same data checksum, same seed), not with published FIDs. Report
     kid_proxy         unbiased kernel (KID-style, cubic polynomial) MMD^2 in the same features, with its
                       standard error over disjoint subsets
     classifier_accuracy, n_fid
-True FID is available through `inception_featurizer` when a user has Inception-v3 weights on disk.
+The standard FID (pytorch-fid's Inception-v3 pool3 features) comes from `inception.inception_featurize` when the
+user has its weights; `report_from_features(..., fid_key="fid", kid_key="kid")` names its keys.
 """
 
 from __future__ import annotations
@@ -170,7 +171,25 @@ def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 10, seed: int = 0) -> tup
     return float(vals.mean()), float(vals.std(ddof=1) / np.sqrt(subsets))
 
 
+def frechet_distance_low_rank(f1: np.ndarray, f2: np.ndarray) -> float:
+    """The Frechet distance of the two feature sets' Gaussians, computed in sample space: with centred features
+    a [n1, D], b [n2, D], S1 = a'a / (n1 - 1) and S2 = b'b / (n2 - 1), the nonzero eigenvalues of S1 S2 are those
+    of M M' / ((n1 - 1)(n2 - 1)) with M = a b' [n1, n2] (XY and YX share them), so tr (S1 S2)^{1/2} is M's
+    nuclear norm over sqrt((n1 - 1)(n2 - 1)). Exact; O(n1 n2 D) instead of O(D^3): the cheap path when D > n
+    (2048-d Inception features of a few hundred images, bootstrapped 200 times)."""
+    a, b = f1 - f1.mean(axis=0), f2 - f2.mean(axis=0)
+    n1, n2 = len(f1), len(f2)
+    tr_cross = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt((n1 - 1) * (n2 - 1))
+    mean_term = ((f1.mean(axis=0) - f2.mean(axis=0)) ** 2).sum()
+    return float(mean_term + (a**2).sum() / (n1 - 1) + (b**2).sum() / (n2 - 1) - 2 * tr_cross)
+
+
 def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Frechet distance between feature sets [n, D]: in feature space, or in sample space when D > n."""
+    f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
+    if max(len(f1), len(f2)) < f1.shape[1]:
+        gaussian_stats(f1), gaussian_stats(f2)  # the same shape checks
+        return frechet_distance_low_rank(f1, f2)
     return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
 
 
@@ -198,16 +217,24 @@ def fid_features(featurize: Featurize, samples: torch.Tensor, data: ImageData, n
 
 
 def fid_bootstrap(a: np.ndarray, b: np.ndarray, reps: int, seed: int,
-                  minus: np.ndarray | None = None) -> Estimate:
+                  minus: np.ndarray | None = None, paired_rows: bool = False) -> Estimate:
     """FID(a, b) (or, with `minus`, FID(a, b) - FID(minus, b): a paired difference on the same reference b)
     with a 95% interval from the bootstrap sd: each replicate resamples every feature set with replacement,
-    the shared reference once for both sides. A distance's interval is cut at 0 (small n can reach below)."""
+    the shared reference once for both sides. With paired_rows, row i of `a` and of `minus` share a unit (e.g.
+    samples drawn from the same x_T seed) and are resampled together: common random numbers on the sample side
+    too. A distance's interval is cut at 0 (small n can reach below)."""
+    if paired_rows and (minus is None or len(minus) != len(a)):
+        raise ValueError("paired_rows needs `minus` with one row per row of `a`")
+
     def stat(fa: np.ndarray, fb: np.ndarray, fm: np.ndarray | None) -> float:
         return fid_from_features(fa, fb) - (fid_from_features(fm, fb) if fm is not None else 0.0)
 
     def replicate(rng: np.random.Generator) -> float:
         def pick(f: np.ndarray) -> np.ndarray:
             return f[rng.integers(0, len(f), len(f))]
+        if paired_rows:
+            rows = rng.integers(0, len(a), len(a))
+            return stat(a[rows], pick(b), minus[rows])
         return stat(pick(a), pick(b), pick(minus) if minus is not None else None)
 
     est = bootstrap(replicate, stat(a, b, minus), reps, seed, len(a))
@@ -221,49 +248,17 @@ def fid_proxy_report(featurize: Featurize, samples: torch.Tensor, data: ImageDat
     return report_from_features(fid_features(featurize, samples, data, n, seed), seed, reps)
 
 
-def report_from_features(f: FidFeatures, seed: int = 0, reps: int = 200) -> dict[str, Any]:
-    """FID-proxy and its floor, each with a bootstrap 95% interval over samples and reference images, and
-    KID-proxy with its standard error over disjoint subsets, from features of fid_features."""
-    n = len(f.gen)
-    fid = fid_bootstrap(f.gen, f.test, reps, seed)
+def report_from_features(f: FidFeatures, seed: int = 0, reps: int = 200, fid_key: str = "fid_proxy",
+                         kid_key: str = "kid_proxy") -> dict[str, Any]:
+    """FID and its floor, each with a bootstrap 95% interval over samples and reference images, and KID with
+    its standard error over disjoint subsets, from features of fid_features; keys fid_key, fid_key_floor,
+    kid_key, ... (fid_proxy for the classifier's features, fid for Inception's)."""
+    n, fk, kk = len(f.gen), fid_key, kid_key
+    distance = fid_bootstrap(f.gen, f.test, reps, seed)
     floor = fid_bootstrap(f.train, f.test, reps, seed + 1)
     kid_gen, kid_floor = kid(f.gen, f.test, seed=seed), kid(f.train, f.test, seed=seed)
     return {
-        **fid.as_dict("fid_proxy"), **floor.as_dict("fid_proxy_floor"),
-        "kid_proxy": kid_gen[0], "kid_proxy_stderr": kid_gen[1],
-        "kid_proxy_floor": kid_floor[0], "kid_proxy_floor_stderr": kid_floor[1],
+        **distance.as_dict(fk), **floor.as_dict(f"{fk}_floor"),
+        kk: kid_gen[0], f"{kk}_stderr": kid_gen[1], f"{kk}_floor": kid_floor[0], f"{kk}_floor_stderr": kid_floor[1],
         "n_fid": n, "n_fid_reference": len(f.test), "fid_bootstrap_reps": reps,
     }
-
-
-def inception_featurizer(weights_path: str | Path, device: str | torch.device = "cpu") -> Featurize:
-    """True FID features (2048-d pool) from torchvision's Inception-v3 with a state dict the user has on disk.
-
-    Nothing is downloaded: a missing file is an error. Gray images are repeated to 3 channels and resized to
-    299 x 299 bilinearly. torchvision's ImageNet weights differ slightly from the TF FID Inception, so compare
-    only numbers computed with the same weights file.
-    """
-    from torchvision.models import inception_v3
-
-    path = Path(weights_path)
-    if not path.exists():
-        raise FileNotFoundError(f"Inception weights not found at {path}; true FID needs them on disk "
-                                f"(nothing is downloaded)")
-    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    net.fc = nn.Identity()
-    net.eval().to(device)
-
-    @torch.no_grad()
-    def featurize(images: torch.Tensor) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), 64):
-            x = images[i:i + 64].to(device).float() / 255.0
-            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            mean = torch.tensor([0.485, 0.456, 0.406], device=device)[:, None, None]
-            std = torch.tensor([0.229, 0.224, 0.225], device=device)[:, None, None]
-            out.append(net((x - mean) / std).double().cpu())
-        return torch.cat(out).numpy()
-
-    return featurize

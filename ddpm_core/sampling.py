@@ -1,10 +1,12 @@
-"""Samplers: ancestral (Ho's Algorithm 2), respaced to K < T steps, and DDIM(eta).
+"""Samplers: ancestral (Ho's Algorithm 2), respaced to K < T steps, DDIM(eta), and DPM-Solver++ (dpm_solver.py).
 
 The sampler never owns the network. Every sampler draws x_T first and then one noise tensor per step that
 adds noise, all from one seeded generator, so a sample is a function of (network, schedule, seed). Given a
 list of generators, one per row, row i draws only from generator i: `sample_seeds` gives each image its own
 seed, so an image does not depend on the others it is batched with.
 DDIM with eta = 1 on the full grid draws the same noise as ancestral sampling and gives the same result.
+`steps` counts network evaluations for every sampler: ancestral and DDIM run on the respaced schedule of that
+many steps (`respace`), DPM-Solver++ on its own grid of the full schedule (at most T - 1 steps).
 """
 
 from __future__ import annotations
@@ -16,21 +18,37 @@ import torch
 from tqdm.auto import tqdm
 
 from .diffusion import EpsModel, Objective, Variance, extract, p_mean_variance
+from .dpm_solver import check_solver, dpm_solver_sample
+from .noise import Generators, randn
 from .schedules import NoiseSchedule, respace
 
-Sampler = Literal["ancestral", "ddim"]
-SAMPLERS = ("ancestral", "ddim")
+Sampler = Literal["ancestral", "ddim", "dpm_solver++"]
+SAMPLERS = ("ancestral", "ddim", "dpm_solver++")
+DEFAULT_ORDER = 2  # DPM-Solver++(2M); ancestral and ddim take no order
 # on_step(i, x_t, x0_hat): called once per step, before the update, with the 0-based index i into the
 # sampler's schedule, the current x_t and the predicted x_0 [N, C, H, W]; it must not modify them.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
-Generators = torch.Generator | Sequence[torch.Generator]  # one for the batch, or one per row
 
 
-def randn(shape: tuple[int, ...], generator: Generators, device: torch.device | str) -> torch.Tensor:
-    """N(0, I) of `shape`; with a list of generators, row i is drawn from generator i alone."""
-    if isinstance(generator, torch.Generator):
-        return torch.randn(shape, generator=generator, device=device)
-    return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+def max_steps(sampler: Sampler, T: int) -> int:
+    """The most network evaluations a sampler takes on a T-step schedule (DPM-Solver++'s grid has T - 1)."""
+    return T - 1 if sampler == "dpm_solver++" else T
+
+
+def check_sampler(sampler: str, eta: float, order: int, names: dict[str, str] | None = None) -> None:
+    """The sampler settings that are built, the one place this rule is written; ValueError otherwise. `names`
+    says what to call the settings in the message (params passes its keys, e.g. 'sample.eta')."""
+    n = {"sampler": "sampler", "eta": "eta", "order": "order", **(names or {})}
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown {n['sampler']} '{sampler}'; choose one of {', '.join(SAMPLERS)}")
+    if sampler == "ancestral" and eta != 0:
+        raise ValueError(f"{n['eta']} = {eta} is not allowed with {n['sampler']} = 'ancestral': eta is a setting "
+                         f"of ddim and dpm_solver++, leave it at 0")
+    if sampler != "dpm_solver++" and order != DEFAULT_ORDER:
+        raise ValueError(f"{n['order']} = {order} is not allowed with {n['sampler']} = {sampler!r}: order is a "
+                         f"dpm_solver++ setting, leave it at {DEFAULT_ORDER}")
+    if sampler == "dpm_solver++":
+        check_solver(order, eta, {"eta": n["eta"], "order": n["order"]})
 
 
 def seeded_generator(seed: int, batch: int, device: torch.device | str) -> torch.Generator:
@@ -94,27 +112,43 @@ def ddim_sample(model: EpsModel, s: NoiseSchedule, shape: tuple[int, ...], gener
     return x
 
 
+def run_sampler(model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...], generator: Generators,
+                sampler: Sampler = "ancestral", steps: int | None = None, eta: float = 0.0,
+                order: int = DEFAULT_ORDER, variance: Variance = "fixed_small", objective: Objective = "eps",
+                clip_x0: bool = True, device: torch.device | str = "cpu", progress: bool = False,
+                on_step: StepCallback | None = None) -> torch.Tensor:
+    """One batch [shape] with the named sampler and `steps` network evaluations (None: the most it takes).
+
+    Here on_step(t, x_t, x0_hat) gets t, the 0-based index into `schedule` the network sees, for every sampler.
+    """
+    check_sampler(sampler, eta, order)
+    steps = max_steps(sampler, schedule.T) if steps is None else steps
+    if sampler == "dpm_solver++":
+        return dpm_solver_sample(model, schedule, shape, generator, steps, order, eta, objective, clip_x0, device,
+                                 progress, variance, on_step)
+    s = schedule if steps == schedule.T else respace(schedule, steps)
+    seen = None if on_step is None else (lambda i, x, x0: on_step(int(s.timestep_map[i]), x, x0))
+    if sampler == "ancestral":
+        return ancestral_sample(model, s, shape, generator, variance, objective, clip_x0, device, progress, seen)
+    return ddim_sample(model, s, shape, generator, eta, objective, clip_x0, device, progress, variance, seen)
+
+
 def sample(model: EpsModel, schedule: NoiseSchedule, n: int, image_shape: tuple[int, int, int], seed: int,
            sampler: Sampler = "ancestral", steps: int | None = None, eta: float = 0.0, batch_size: int = 256,
            variance: Variance = "fixed_small", objective: Objective = "eps", clip_x0: bool = True,
-           device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
-    """n samples in [-1, 1], shape [n, C, H, W], on `steps` respaced steps (None = all T), in batches.
+           device: torch.device | str = "cpu", progress: bool = True, order: int = DEFAULT_ORDER) -> torch.Tensor:
+    """n samples in [-1, 1], shape [n, C, H, W], with `steps` network evaluations (None = the most), in batches.
 
     Batch b draws from a generator seeded from (seed, b): the same seed and batch_size give the same samples,
     and the first batches do not change when more samples are asked for.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
-    s = schedule if steps is None or steps == schedule.T else respace(schedule, steps)
+    check_sampler(sampler, eta, order)
     out = []
     batches = range(0, n, batch_size)
     for b, start in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
         shape = (min(batch_size, n - start), *image_shape)
-        g = seeded_generator(seed, b, device)
-        if sampler == "ancestral":
-            x = ancestral_sample(model, s, shape, g, variance, objective, clip_x0, device, progress)
-        else:
-            x = ddim_sample(model, s, shape, g, eta, objective, clip_x0, device, progress, variance)
+        x = run_sampler(model, schedule, shape, seeded_generator(seed, b, device), sampler, steps, eta, order,
+                        variance, objective, clip_x0, device, progress)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
 
@@ -122,19 +156,14 @@ def sample(model: EpsModel, schedule: NoiseSchedule, n: int, image_shape: tuple[
 def sample_seeds(model: EpsModel, schedule: NoiseSchedule, seeds: Sequence[int], image_shape: tuple[int, int, int],
                  sampler: Sampler = "ancestral", steps: int | None = None, eta: float = 0.0, batch_size: int = 256,
                  variance: Variance = "fixed_small", objective: Objective = "eps", clip_x0: bool = True,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+                 device: torch.device | str = "cpu", order: int = DEFAULT_ORDER) -> torch.Tensor:
     """One sample per seed in [-1, 1], [len(seeds), C, H, W]: image i is `sample(..., n=1, seed=seeds[i])`
     (its own generator), batched `batch_size` rows at a time for speed."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}")
-    s = schedule if steps is None or steps == schedule.T else respace(schedule, steps)
+    check_sampler(sampler, eta, order)
     out = []
     for start in range(0, len(seeds), batch_size):
         gens = [seeded_generator(int(seed), 0, device) for seed in seeds[start:start + batch_size]]
-        shape = (len(gens), *image_shape)
-        if sampler == "ancestral":
-            x = ancestral_sample(model, s, shape, gens, variance, objective, clip_x0, device)
-        else:
-            x = ddim_sample(model, s, shape, gens, eta, objective, clip_x0, device, variance=variance)
+        x = run_sampler(model, schedule, (len(gens), *image_shape), gens, sampler, steps, eta, order, variance,
+                        objective, clip_x0, device)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out) if out else torch.empty(0, *image_shape)

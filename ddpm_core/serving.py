@@ -2,7 +2,7 @@
 takes to rebuild and sample it, in a checkpoint that loads with weights_only=True (checkpoint.py).
 
     meta = {"model": the `model` section (build_unet), "image_shape": [C, H, W], "variance", "objective",
-            "sampling": {"sampler", "steps", "eta", "clip_x0", "batch_size"} (the defaults), ...}
+            "sampling": {"sampler", "steps", "eta", "order", "clip_x0", "batch_size"} (the defaults), ...}
 
 The MLflow registry's generator (pipeline/generator.py) carries this file as its artifact; Python users get
 the network back with `load_eps_model`.

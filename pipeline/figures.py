@@ -20,8 +20,8 @@ import torch
 
 from ddpm_core.data import to_model_range
 from ddpm_core.diffusion import EpsModel, Variance, q_sample
-from ddpm_core.sampling import ancestral_sample, ddim_sample
-from ddpm_core.schedules import SCHEDULES, NoiseSchedule, ScheduleError, respace
+from ddpm_core.sampling import run_sampler
+from ddpm_core.schedules import SCHEDULES, NoiseSchedule, ScheduleError
 from ddpm_core.train import resolve_device
 
 from . import paths
@@ -150,19 +150,14 @@ def plot_loss_weights(schedules: dict[str, NoiseSchedule], variance: Variance, p
 def sampling_trajectory(net: EpsModel, s: NoiseSchedule, n: int, image_shape: tuple[int, ...], cfg: dict[str, Any],
                         objective: str, variance: Variance, device: torch.device | str):
     """Run the configured sampler on n images and keep (t, x_t, x0_hat) of every step, and the result."""
-    s = s if cfg["steps"] >= s.T else respace(s, cfg["steps"])
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-    def keep(i: int, x_t: torch.Tensor, x0_hat: torch.Tensor) -> None:
-        seen.append((int(s.timestep_map[i]) + 1, x_t.cpu(), x0_hat.cpu()))
+    def keep(t: int, x_t: torch.Tensor, x0_hat: torch.Tensor) -> None:
+        seen.append((t + 1, x_t.cpu(), x0_hat.cpu()))  # t is the 0-based index the network sees
 
     g = torch.Generator(device=device).manual_seed(cfg["seed"])
-    shape = (n, *image_shape)
-    if cfg["sampler"] == "ancestral":
-        out = ancestral_sample(net, s, shape, g, variance, objective, cfg["clip_x0"], device, on_step=keep)
-    else:
-        out = ddim_sample(net, s, shape, g, cfg["eta"], objective, cfg["clip_x0"], device, variance=variance,
-                          on_step=keep)
+    out = run_sampler(net, s, (n, *image_shape), g, cfg["sampler"], cfg["steps"], cfg["eta"], cfg.get("order", 2),
+                      variance, objective, cfg["clip_x0"], device, on_step=keep)
     return seen, out.clamp(-1, 1).cpu()
 
 
@@ -190,7 +185,8 @@ def draw_all(net: EpsModel, schedule: NoiseSchedule, current: str, image: np.nda
     plot_loss_weights(schedules, variance, out[2], current)
     seen, final = sampling_trajectory(net, schedule, DENOISING_SAMPLES, tuple(image.shape), cfg, objective,
                                       variance, device)
-    label = f"{cfg['sampler']}" + (f"(eta={cfg['eta']})" if cfg["sampler"] == "ddim" else "")
+    label = {"ancestral": "ancestral", "ddim": f"ddim(eta={cfg['eta']})",
+             "dpm_solver++": f"dpm_solver++(order={cfg.get('order', 2)}, eta={cfg['eta']})"}[cfg["sampler"]]
     plot_denoising(seen, final, out[3], label)
     return out
 

@@ -1,8 +1,10 @@
 """The model in the MLflow registry (ddpm-<dataset>): a pyfunc that draws images.
 
     input   rows with a `seed` column (integer in [0, 2^32)): one image per row; a seed always gives the same image
-    params  sampler ('ancestral' | 'ddim'), steps (respaced steps, 2..T), eta (DDIM's, >= 0; 0 for ancestral),
-            clip_x0 (clip the predicted x_0 to [-1, 1]); each defaults to the run's `sample` settings
+    params  sampler ('ancestral' | 'ddim' | 'dpm_solver++'), steps (network evaluations, 2..T; 2..T-1 for
+            dpm_solver++), eta (ddim's noise, >= 0; dpm_solver++'s, in [0, 1]; 0 for ancestral), order
+            (dpm_solver++'s, 1..3; 2 otherwise), clip_x0 (clip the predicted x_0 to [-1, 1]); each defaults to the
+            run's `sample` settings
     output  uint8 array [N, C, H, W], pixels 0..255 (over HTTP: nested lists under "predictions")
 
 Image i is `ddpm_core.sampling.sample(net, schedule, n=1, seed=seed_i, ...)` with the same settings on the
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from ddpm_core.data import from_model_range
-from ddpm_core.sampling import SAMPLERS, sample_seeds
+from ddpm_core.sampling import SAMPLERS, check_sampler, max_steps, sample_seeds
 from ddpm_core.serving import load_eps_model
 
 ARTIFACT = "eps_model"
@@ -35,20 +37,25 @@ MAX_SEED = 2**32  # seeds in [0, MAX_SEED)
 def check_settings(settings: dict[str, Any], T: int) -> dict[str, Any]:
     """The sampling params of one request, or MlflowException (HTTP 400) naming the one that is wrong."""
     sampler, steps, eta, clip = (settings[k] for k in ("sampler", "steps", "eta", "clip_x0"))
+    order = settings.get("order", 2)  # versions logged before DPM-Solver++ have no order
+    top = max_steps(sampler, T) if sampler in SAMPLERS else T
     problems = [
         (sampler not in SAMPLERS, f"sampler = {sampler!r}: must be one of {', '.join(SAMPLERS)}"),
-        (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 2 <= steps <= T,
-         f"steps = {steps!r}: must be an integer in [2, T = {T}]"),
+        (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 2 <= steps <= top,
+         f"steps = {steps!r}: must be an integer in [2, {'T' if top == T else 'T - 1'} = {top}]"),
         (not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0),
          f"eta = {eta!r}: must be a finite number >= 0"),
-        (sampler == "ancestral" and eta != 0,
-         f"eta = {eta!r} with sampler 'ancestral': eta is a DDIM setting, leave it at 0"),
+        (isinstance(order, bool) or not isinstance(order, (int, np.integer)), f"order = {order!r}: must be 1, 2 or 3"),
         (not isinstance(clip, (bool, np.bool_)), f"clip_x0 = {clip!r}: must be true or false"),
     ]
     for bad, message in problems:
         if bad:
             raise MlflowException.invalid_parameter_value(message)
-    return {"sampler": sampler, "steps": int(steps), "eta": float(eta), "clip_x0": bool(clip)}
+    try:
+        check_sampler(sampler, float(eta), int(order))
+    except ValueError as e:
+        raise MlflowException.invalid_parameter_value(str(e)) from None
+    return {"sampler": sampler, "steps": int(steps), "eta": float(eta), "order": int(order), "clip_x0": bool(clip)}
 
 
 def check_seeds(model_input: Any) -> list[int]:
@@ -73,11 +80,15 @@ class Generator(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         seeds = check_seeds(model_input)
         defaults = self.meta["sampling"]
-        s = check_settings({**defaults, **{k: v for k, v in (params or {}).items() if v is not None}}, self.schedule.T)
+        asked = {**defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
+        if asked["sampler"] != "dpm_solver++" and asked.get("order") == defaults.get("order"):
+            asked["order"] = 2  # MLflow fills in the default order; it belongs to dpm_solver++ alone
+        s = check_settings(asked, self.schedule.T)
         m = self.meta
         with torch.no_grad():
             x = sample_seeds(self.net, self.schedule, seeds, tuple(m["image_shape"]), s["sampler"], s["steps"],
-                             s["eta"], defaults["batch_size"], m["variance"], m["objective"], s["clip_x0"], self.device)
+                             s["eta"], defaults["batch_size"], m["variance"], m["objective"], s["clip_x0"], self.device,
+                             order=s["order"])
         return from_model_range(x).numpy()
 
 

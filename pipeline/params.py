@@ -24,7 +24,7 @@ from ddpm_core.diffusion import OBJECTIVES, VARIANCES
 from ddpm_core.elbo_mc import ESTIMATORS, BoundDesign
 from ddpm_core.objectives import LOSS_WEIGHTINGS, LOSSES, check_objective
 from ddpm_core.resample import T_SAMPLERS
-from ddpm_core.sampling import SAMPLERS
+from ddpm_core.sampling import SAMPLERS, check_sampler, max_steps
 from ddpm_core.schedules import SCHEDULES, ScheduleError, make_betas
 
 PARAMS_FILE = Path("params.yaml")  # stages run in the repository root (or its DVC experiment copy)
@@ -126,7 +126,9 @@ class Featurizer(Section):
 class Sample(Section):
     n: COUNT
     sampler: choice(SAMPLERS)
-    steps: Annotated[integer(2) | Literal["all"], Field(description="an integer >= 2, or 'all' (= diffusion.T)")]
+    order: integer(1, 3, text="1, 2 or 3 (dpm_solver++'s order; 2 for the other samplers)")
+    steps: Annotated[integer(2) | Literal["all"],
+                     Field(description="an integer >= 2, or 'all' (= diffusion.T; T - 1 for dpm_solver++)")]
     clamp_steps: FLAG
     eta: NON_NEGATIVE
     clip_x0: FLAG
@@ -143,6 +145,8 @@ class Evaluate(Section):
     fid_bootstrap: integer(10)
     seed: SEED
     chunk_size: COUNT
+    fid_features: choice(("classifier", "inception"))
+    inception_weights: Annotated[Optional[str], Field(description="a path or null")]
 
 
 class Mlflow(Section):
@@ -151,8 +155,10 @@ class Mlflow(Section):
 
 
 def sample_steps(sample: Sample, T: int) -> int:
-    """The respaced steps the sampler takes: 'all' = T, else sample.steps (at most T with clamp_steps)."""
-    return T if sample.steps == "all" else min(sample.steps, T) if sample.clamp_steps else sample.steps
+    """The network evaluations the sampler takes: 'all' = the most it takes (T; T - 1 for dpm_solver++), else
+    sample.steps (at most that with clamp_steps)."""
+    top = max_steps(sample.sampler, T)
+    return top if sample.steps == "all" else min(sample.steps, top) if sample.clamp_steps else sample.steps
 
 
 def bound_design(evaluate: Evaluate, T: int) -> BoundDesign:
@@ -186,17 +192,20 @@ class Params(BaseModel):
         except ScheduleError as err:
             raise _refuse(f"diffusion.T = {d.T} does not work with diffusion.schedule = {d.schedule!r}: "
                           f"{err}") from None
-        if s.steps != "all" and s.steps > d.T and not s.clamp_steps:
-            raise _refuse(f"sample.steps = {s.steps} is not allowed: must be in [2, diffusion.T = {d.T}], or 'all'; "
-                          f"set sample.clamp_steps: true to sample min(steps, T) steps")
+        top = max_steps(s.sampler, d.T)
+        if s.steps != "all" and s.steps > top and not s.clamp_steps:
+            bound = f"diffusion.T = {d.T}" if top == d.T else f"diffusion.T - 1 = {top} with {s.sampler}"
+            raise _refuse(f"sample.steps = {s.steps} is not allowed: must be in [2, {bound}], or 'all'; "
+                          f"set sample.clamp_steps: true to sample min(steps, {top}) steps")
         per_image = bound_design(e, d.T).passes_per_image()
         if e.bpd_passes < 2 * per_image:
             raise _refuse(f"evaluate.bpd_passes = {e.bpd_passes} is not allowed: the {e.bpd_estimator} estimator at "
                           f"diffusion.T = {d.T} needs {per_image} passes per image and an interval needs 2 images, "
                           f"so at least {2 * per_image}")
-        if s.sampler == "ancestral" and s.eta != 0:
-            raise _refuse(f"sample.eta = {s.eta} is not allowed with sample.sampler = 'ancestral': eta is a DDIM "
-                          f"setting, leave it at 0")
+        try:  # the library's rule for sampler, eta and order, in the words of these keys
+            check_sampler(s.sampler, s.eta, s.order, names=SAMPLER_KEYS)
+        except ValueError as err:
+            raise _refuse(str(err)) from None
         if e.n_fid > s.n:
             raise _refuse(f"evaluate.n_fid = {e.n_fid} is not allowed: must be <= sample.n = {s.n} (the FID-proxy "
                           f"scores the samples of the sample stage)")
@@ -216,6 +225,7 @@ class Params(BaseModel):
 
 SECTIONS: dict[str, type[Section]] = {name: f.annotation for name, f in Params.model_fields.items()}
 OBJECTIVE_KEYS = {"loss": "train.loss", "variance": "diffusion.variance", "weighting": "train.loss_weighting"}
+SAMPLER_KEYS = {"sampler": "sample.sampler", "eta": "sample.eta", "order": "sample.order"}
 
 
 # --- one line per error -----------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def with_interval(metrics: dict[str, Any], key: str) -> str:
 
 
 HEADLINE = ("bpd", "prior_bpd", "decoder_bpd", "fid_proxy", "fid_proxy_floor", "kid_proxy", "kid_proxy_floor",
-            "classifier_accuracy")
+            "fid", "fid_floor", "kid", "kid_floor", "classifier_accuracy")
 
 
 def summary_markdown(params_flat: dict[str, Any], metrics: dict[str, Any]) -> str:
@@ -124,6 +124,10 @@ def summary_markdown(params_flat: dict[str, Any], metrics: dict[str, Any]) -> st
               f"{metrics.get('n_fid')} samples against test images in the features of a classifier trained on this "
               "data set (comparable only between runs with the same featurizer and n_fid; fid_proxy_floor is "
               "real-vs-real at the same count); its interval is the bootstrap sd over samples and reference images. "
-              "KID-proxy's error is over disjoint subsets.", "",
+              "KID-proxy's error is over disjoint subsets."
+              + (" fid and kid: the same samples and reference images in pytorch-fid's FID Inception-v3 pool3 "
+                 "features (images resized to 299 x 299 bilinearly, grayscale repeated to 3 channels), comparable "
+                 "with published FIDs computed at the same n against the same reference." if "fid" in metrics else ""),
+              "",
               "![samples](samples.png)", "", "![training loss](train_loss.png)", "", "![bits/dim per t](bpd_per_t.png)", ""]
     return "\n".join(lines)

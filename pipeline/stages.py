@@ -20,6 +20,7 @@ from ddpm_core.diffusion import output_channels
 from ddpm_core.elbo_mc import BoundEstimate, estimate_bound
 from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_features, load_or_train_featurizer,
                            report_from_features)
+from ddpm_core.inception import find_weights, inception_featurize
 from ddpm_core.sampling import sample as draw_samples
 from ddpm_core.schedules import NoiseSchedule
 from ddpm_core.serving import save_eps_model
@@ -150,14 +151,14 @@ def sample(p: Params) -> None:
     start = time.perf_counter()
     x = draw_samples(net, schedule, s.n, tuple(meta["image_shape"]), s.seed, s.sampler, steps,
                      s.eta, s.batch_size, p.diffusion.variance, p.diffusion.objective, s.clip_x0,
-                     device)
+                     device, order=s.order)
     seconds = time.perf_counter() - start
     images = from_model_range(x).numpy()
     np.savez(paths.SAMPLES, images=images)
     reports.save_grid(images[:64], paths.SAMPLE_GRID)
-    write_json(paths.SAMPLE_STATS, {"sample_seconds": seconds, "n": s.n, "sampler": s.sampler,
+    write_json(paths.SAMPLE_STATS, {"sample_seconds": seconds, "n": s.n, "sampler": s.sampler, "order": s.order,
                                     "steps": steps, "device": str(device)})
-    print(f"sample: {s.n} samples in {seconds:.1f} s ({s.sampler}, {steps} steps)")
+    print(f"sample: {s.n} samples in {seconds:.1f} s ({s.sampler}, {steps} network evaluations)")
 
 
 # --- evaluate --------------------------------------------------------------------------------------------
@@ -176,27 +177,43 @@ def evaluate_bound(p: Params, net: torch.nn.Module, schedule: NoiseSchedule, dat
     return bound, time.perf_counter() - start
 
 
-def evaluate_samples(p: Params, data: ImageData, device: torch.device) -> tuple[dict[str, Any], float]:
-    """FID-proxy and KID-proxy of the samples with their intervals; their features are kept for paired
-    differences between runs (build/fid_features.npz). Returns the report and the featurizer's accuracy."""
+def inception_weights(p: Params) -> Path | None:
+    """The FID Inception weights file when evaluate.fid_features is 'inception' (fetched only with
+    data.download: true), else None; MissingWeightsError (one line) when it is not on disk."""
+    if p.evaluate.fid_features != "inception":
+        return None
+    return find_weights(p.evaluate.inception_weights, download=p.data.download)
+
+
+def evaluate_samples(p: Params, data: ImageData, device: torch.device,
+                     weights: Path | None = None) -> tuple[dict[str, Any], float]:
+    """FID-proxy and KID-proxy of the samples with their intervals, and with Inception `weights` the standard
+    FID and KID (keys fid, kid) on the same samples and reference images; their features are kept for paired
+    differences between runs (build/fid_features.npz: gen, test, train; inception_gen, ...). Returns the report
+    and the featurizer's accuracy."""
     e = p.evaluate
     feat, info = load_or_train_featurizer(paths.FEATURIZER, data, featurizer_config(p), device, train_missing=False)
     with np.load(paths.SAMPLES) as z:
         samples = torch.from_numpy(z["images"])
     features = fid_features(classifier_featurize(feat), samples, data, e.n_fid, seed=e.seed)
-    np.savez(paths.FID_FEATURES, gen=features.gen.astype(np.float32), test=features.test.astype(np.float32),
-             train=features.train.astype(np.float32))
+    arrays = {"gen": features.gen, "test": features.test, "train": features.train}
     report = report_from_features(features, e.seed, e.fid_bootstrap)
+    if weights is not None:
+        standard = fid_features(inception_featurize(weights, device), samples, data, e.n_fid, seed=e.seed)
+        arrays |= {"inception_gen": standard.gen, "inception_test": standard.test, "inception_train": standard.train}
+        report |= report_from_features(standard, e.seed, e.fid_bootstrap, fid_key="fid", kid_key="kid")
+    np.savez(paths.FID_FEATURES, **{k: v.astype(np.float32) for k, v in arrays.items()})
     return report, info["accuracy"]
 
 
 def evaluate(p: Params) -> None:
     set_threads(p)
     device = resolve_device(p.train.device)
+    weights = inception_weights(p)  # before the long bound: a missing file stops evaluate at once
     net, meta, schedule = load_ema_model(device)
     data = load_prepared()
     bound, bpd_seconds = evaluate_bound(p, net, schedule, data, device)
-    fid, accuracy = evaluate_samples(p, data, device)
+    fid, accuracy = evaluate_samples(p, data, device, weights)
     losses = reports.read_csv_columns(paths.TRAIN_CURVE)
     sample_stats = json.loads(paths.SAMPLE_STATS.read_text())
     metrics = {**bound.total.as_dict("bpd"), "prior_bpd": bound.prior_bpd, "decoder_bpd": bound.decoder_bpd,
@@ -210,7 +227,9 @@ def evaluate(p: Params) -> None:
     write_json(paths.MLFLOW_RUN, run)
     print(f"evaluate: bpd {metrics['bpd']:.3f} (95% CI {metrics['bpd_ci_low']:.3f} to {metrics['bpd_ci_high']:.3f}, "
           f"{metrics['n_bpd']} images), fid_proxy {metrics['fid_proxy']:.3f} (95% CI {metrics['fid_proxy_ci_low']:.3f}"
-          f" to {metrics['fid_proxy_ci_high']:.3f}; floor {metrics['fid_proxy_floor']:.3f}); MLflow run {run['run_id']}")
+          f" to {metrics['fid_proxy_ci_high']:.3f}; floor {metrics['fid_proxy_floor']:.3f})"
+          + (f", fid {metrics['fid']:.2f} (95% CI {metrics['fid_ci_low']:.2f} to {metrics['fid_ci_high']:.2f}; "
+             f"Inception {weights})" if weights else "") + f"; MLflow run {run['run_id']}")
 
 
 def log_to_mlflow(p: Params, net: torch.nn.Module, schedule: NoiseSchedule, meta: dict[str, Any],
@@ -237,8 +256,8 @@ def log_to_mlflow(p: Params, net: torch.nn.Module, schedule: NoiseSchedule, meta
 def sampling_defaults(p: Params, T: int) -> dict[str, Any]:
     """How the registered generator samples unless a request says otherwise: as the sample stage did."""
     s = p.sample
-    return {"sampler": s.sampler, "steps": sample_steps(s, T), "eta": s.eta, "clip_x0": s.clip_x0,
-            "batch_size": s.batch_size}
+    return {"sampler": s.sampler, "steps": sample_steps(s, T), "eta": s.eta, "order": s.order,
+            "clip_x0": s.clip_x0, "batch_size": s.batch_size}
 
 
 def model_description(p: Params, meta: dict[str, Any], metrics: dict[str, Any]) -> str:
@@ -251,8 +270,8 @@ def model_description(p: Params, meta: dict[str, Any], metrics: dict[str, Any]) 
             f"{m['bpd_ci_high']:.3f}, {m['n_bpd']} test images); FID-proxy {m['fid_proxy']:.2f} (95% CI "
             f"{m['fid_proxy_ci_low']:.2f} to {m['fid_proxy_ci_high']:.2f}, {m['n_fid']} samples). predict: rows "
             f"with a `seed` column -> uint8 images [N, {', '.join(str(v) for v in meta['image_shape'])}], one "
-            f"per seed; params sampler, steps, eta, clip_x0 (defaults {s['sampler']}, {s['steps']}, {s['eta']}, "
-            f"{str(s['clip_x0']).lower()}).")
+            f"per seed; params sampler, steps, eta, order, clip_x0 (defaults {s['sampler']}, {s['steps']}, "
+            f"{s['eta']}, {s['order']}, {str(s['clip_x0']).lower()}).")
 
 
 def write_reports(p: Params, metrics: dict[str, Any], bound: BoundEstimate, losses: dict[str, np.ndarray]) -> None:

@@ -121,6 +121,7 @@ def generator_signature(meta: dict[str, Any]):
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *meta["image_shape"]))]),
         params=ParamSchema([ParamSpec("sampler", "string", s["sampler"]), ParamSpec("steps", "long", s["steps"]),
                             ParamSpec("eta", "double", float(s["eta"])),
+                            ParamSpec("order", "long", int(s.get("order", 2))),
                             ParamSpec("clip_x0", "boolean", s["clip_x0"])]))
 
 

@@ -21,3 +21,20 @@ def digits_images() -> torch.Tensor:
 
 def tiny_schedule() -> NoiseSchedule:
     return NoiseSchedule.named("linear", 100)
+
+
+def random_inception_weights(path) -> None:
+    """A state dict of pytorch-fid's FID Inception shapes, random: He-initialized convolutions and batch norms
+    near the identity, so that the 2048 features still depend on the image (default init loses it)."""
+    from ddpm_core.inception import fid_inception_v3
+
+    torch.manual_seed(0)
+    net = fid_inception_v3()
+    for name, t in net.state_dict().items():
+        if name.endswith("conv.weight"):
+            torch.nn.init.kaiming_normal_(t, nonlinearity="relu")
+        elif name.endswith(("running_var", "bn.weight")):
+            t.uniform_(0.8, 1.2)
+        elif name.endswith(("running_mean", "bn.bias")):
+            t.uniform_(-0.05, 0.05)
+    torch.save(net.state_dict(), path)

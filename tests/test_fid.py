@@ -7,7 +7,7 @@ import torch
 from ddpm_core.checkpoint import CheckpointError
 from ddpm_core.data import load_digits
 from ddpm_core.fid import (FeaturizerConfig, classifier_featurize, fid_from_features, fid_proxy_report,
-                           fid_bootstrap, frechet_distance, inception_featurizer, kid, load_or_train_featurizer)
+                           fid_bootstrap, frechet_distance, kid, load_or_train_featurizer)
 
 
 def test_frechet_distance_closed_forms():
@@ -74,6 +74,23 @@ def test_fid_paired_difference():
     assert diff.excludes_zero and diff.ci_low > 0
 
 
+def test_fid_difference_paired_by_rows():
+    """Rows of a and minus that share a unit (the same x_T) resample together: identical sets give exactly 0,
+    and two samplers that move each unit a little are resolved where independent resampling is not."""
+    rng = np.random.default_rng(5)
+    ref, shared = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
+    same = fid_bootstrap(shared, ref, reps=50, seed=1, minus=shared, paired_rows=True)
+    assert same.mean == 0 and same.ci_low == 0 == same.ci_high
+    a = shared + 0.05 * rng.normal(size=(300, 4))
+    b = shared + 0.05 * rng.normal(size=(300, 4)) + np.array([0.25, 0, 0, 0])
+    paired = fid_bootstrap(b, ref, reps=200, seed=2, minus=a, paired_rows=True)
+    unpaired = fid_bootstrap(b, ref, reps=200, seed=2, minus=a)
+    assert paired.mean == unpaired.mean
+    assert paired.ci_high - paired.ci_low < 0.8 * (unpaired.ci_high - unpaired.ci_low)  # 0.16 against 0.23 here
+    with pytest.raises(ValueError, match="paired_rows needs"):
+        fid_bootstrap(a, ref, reps=10, seed=0, paired_rows=True)
+
+
 @pytest.fixture(scope="module")
 def digits_featurizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("feat") / "featurizer.pt"
@@ -126,7 +143,3 @@ def test_report_orders_real_noise_and_floor(digits_featurizer):
     with pytest.raises(ValueError, match="need 300 samples"):
         fid_proxy_report(featurize, real, data, 300)
 
-
-def test_true_fid_needs_weights_on_disk(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        inception_featurizer(tmp_path / "inception.pth")

@@ -15,8 +15,9 @@ from project import ROOT
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_draw_all_writes_every_figure(tmp_path):
-    cfg = {"sampler": "ddim", "steps": 6, "eta": 0.0, "clip_x0": True, "seed": 0}
+@pytest.mark.parametrize("sampler,order", [("ddim", 2), ("dpm_solver++", 2)])
+def test_draw_all_writes_every_figure(tmp_path, sampler, order):
+    cfg = {"sampler": sampler, "steps": 6, "eta": 0.0, "order": order, "clip_x0": True, "seed": 0}
     image = digits_images()[0].numpy()
     with torch.no_grad():
         written = figures.draw_all(tiny_unet().eval(), NoiseSchedule.named("linear", 40), "linear", image, cfg,
@@ -24,6 +25,16 @@ def test_draw_all_writes_every_figure(tmp_path):
     assert [p.name for p in written] == [p.name for p in paths.FIGURE_FILES]
     for p in written:
         assert p.read_bytes()[:8] == PNG, p
+
+
+def test_the_denoising_strip_follows_the_sampler_steps():
+    """dpm_solver++ at 6 evaluations on T = 40: the strip shows its grid (1-based t) and its x0_hat."""
+    s = NoiseSchedule.named("linear", 40)
+    cfg = {"sampler": "dpm_solver++", "steps": 6, "eta": 0.0, "order": 2, "clip_x0": True, "seed": 0}
+    with torch.no_grad():
+        seen, final = figures.sampling_trajectory(tiny_unet().eval(), s, 2, (1, 8, 8), cfg, "eps", "fixed_small", "cpu")
+    assert [t for t, _, _ in seen] == [40, 33, 27, 21, 14, 7]  # round(linspace(0, 39, 7)), half to even, + 1
+    assert final.shape == (2, 1, 8, 8) and torch.equal(final, seen[-1][2].clamp(-1, 1))
 
 
 def test_bpd_plot_with_cumulative_share(tmp_path):

@@ -73,6 +73,20 @@ def test_a_grid_crosses_any_keys():
         make_grid({"data.root": ["a/b", "a_b"]}, {})
 
 
+def test_a_grid_over_samplers_passes_the_params_rules_and_dvc_set_grammar():
+    """--grid sample.sampler=ddim,dpm_solver++: both points validate, and DVC's override parser (Hydra's) reads
+    the value back as written."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    grid = make_grid(combine_axes(None, None, parse_grid(["sample.sampler=ddim,dpm_solver++"]), None), {})
+    assert [dict(p.axes)["sample.sampler"] for p in grid] == ["ddim", "dpm_solver++"]
+    assert all(point_params_error(ROOT, p) is None for p in grid)
+    parsed = OverridesParser.create().parse_overrides(grid[1].set_args()[1::2])
+    assert [(o.key_or_group, o.value()) for o in parsed] == [("sample.sampler", "dpm_solver++")]
+    bad = Point((("sample.sampler", "dpm_solver++"), ("sample.order", 3)), (("sample.eta", 0.5),))
+    assert "sample.eta = 0.5 is not allowed with sample.order = 3" in point_params_error(ROOT, bad)
+
+
 def test_points_are_validated_with_the_pipeline_rules():
     assert point_params_error(ROOT, pt("cosine", 100)) is None
     reason = point_params_error(ROOT, pt("linear", 10))

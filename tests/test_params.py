@@ -113,6 +113,11 @@ def test_sample_steps_all_and_clamped():
     p = validate(raw)
     assert sample_steps(p.sample, 1000) == 1000 and sample_steps(p.sample, 10_000) == 5000
     assert sample_steps(validate(DEFAULTS).sample, 1000) == 30
+    raw = with_("sample", "sampler", "dpm_solver++")
+    raw["sample"]["steps"] = "all"
+    assert sample_steps(validate(raw).sample, 1000) == 999  # its grid has at most T - 1 distinct steps
+    raw["sample"].update(steps=5000, clamp_steps=True)
+    assert sample_steps(validate(raw).sample, 1000) == 999
 
 
 def test_bound_budget_falls_back_to_all_t_for_small_T():
@@ -190,6 +195,7 @@ MALFORMED = [
     ("lr-word", text_with("train", "lr", "fast"), r"train.lr = 'fast' has the wrong type: must be a number > 0"),
     ("lr-bool", text_with("train", "lr", "true"), r"train.lr = True has the wrong type"),
     ("lr-list", text_with("train", "lr", "[0.1]"), r"train.lr = \[0.1\] has the wrong type"),
+    ("weights-number", text_with("evaluate", "inception_weights", "5"), r"evaluate.inception_weights = 5 has the wrong type: must be a path or null"),
     ("root-number", text_with("data", "root", "5"), r"data.root = 5 has the wrong type: must be a path or null"),
     ("mults-string", text_with("model", "channel_mults", "'1,2'"), r"model.channel_mults = '1,2' has the wrong type"),
     ("mults-item", text_with("model", "channel_mults", "[1, x]"), r"model.channel_mults = \[1, 'x'\] has the wrong type"),
@@ -211,6 +217,9 @@ MALFORMED = [
     ("warmup-negative", text_with("train", "warmup_steps", "-1"), r"train.warmup_steps = -1 is not allowed: must be an integer >= 0"),
     ("device-tpu", text_with("train", "device", "tpu"), r"train.device = 'tpu' is not allowed: must be one of auto, cpu, cuda"),
     ("dataset-svhn", text_with("data", "dataset", "svhn"), r"data.dataset = 'svhn' is not allowed: must be one of"),
+    ("order-4", text_with("sample", "order", "4"), r"sample.order = 4 is not allowed: must be 1, 2 or 3"),
+    ("fid-features-clip", text_with("evaluate", "fid_features", "clip"),
+     r"evaluate.fid_features = 'clip' is not allowed: must be one of classifier, inception"),
     ("sample-steps-1", text_with("sample", "steps", "1"), r"sample.steps = 1 is not allowed: must be an integer >= 2, or 'all'"),
     ("n-fid-small", text_with("evaluate", "n_fid", "10"), r"evaluate.n_fid = 10 is not allowed: must be an integer >= 20"),
     ("experiment-blank", text_with("mlflow", "experiment", "'  '"), r"mlflow.experiment = '  ' is not allowed: must be a non-empty name"),
@@ -241,6 +250,13 @@ MALFORMED = [
     ("vlb-min-snr", combo(diffusion__variance="learned_range", train__loss="vlb", train__loss_weighting="min_snr"),
      r"train.loss_weighting = 'min_snr' is not allowed with train.loss = 'vlb'"),
     ("bf16-cpu", combo(train__precision="bf16", train__device="cpu"), r"train.precision = 'bf16' is not allowed with train.device = 'cpu'"),
+    ("dpm-eta-over-1", combo(sample__sampler="dpm_solver++", sample__eta=1.5),
+     r"sample.eta = 1.5 is not allowed with dpm_solver\+\+: must be in \[0, 1\]"),
+    ("dpm-order3-sde", combo(sample__sampler="dpm_solver++", sample__order=3, sample__eta=0.5),
+     r"sample.eta = 0.5 is not allowed with sample.order = 3: the SDE variant is built for orders 1 and 2"),
+    ("ddim-order", combo(sample__order=3), r"sample.order = 3 is not allowed with sample.sampler = 'ddim': order is a dpm_solver\+\+ setting"),
+    ("dpm-steps-T", combo(sample__sampler="dpm_solver++", sample__steps=1000),
+     r"sample.steps = 1000 is not allowed: must be in \[2, diffusion.T - 1 = 999 with dpm_solver\+\+\]"),
     # files that are not params
     ("empty", "", r"params.yaml is empty: it must hold the sections data, diffusion, "),
     ("comments-only", "# nothing here\n", r"params.yaml is empty"),

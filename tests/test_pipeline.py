@@ -80,7 +80,8 @@ def test_the_registered_model_generates_with_the_trained_ema_weights(project, mo
     net, schedule, meta = tracking.load_eps_model(f"models:/ddpm-digits/{v.version}")
     ema = load_checkpoint(project / paths.MODEL)["ema"]
     assert all(torch.equal(w, ema[f"module.{k}"]) for k, w in net.state_dict().items())
-    assert meta["sampling"] == {"sampler": "ddim", "steps": 10, "eta": 0.0, "clip_x0": True, "batch_size": 40}
+    assert meta["sampling"] == {"sampler": "ddim", "steps": 10, "eta": 0.0, "order": 2, "clip_x0": True,
+                                "batch_size": 40}
     # predict: one image per seed, as the library samples with the run's settings
     images = mlflow.pyfunc.load_model(f"models:/ddpm-digits/{v.version}").predict(pd.DataFrame({"seed": [5, 6]}))
     expected = [from_model_range(sample(net, schedule, 1, (1, 8, 8), s, "ddim", 10, progress=False)) for s in (5, 6)]
@@ -183,6 +184,62 @@ def test_unreachable_tracking_server_is_reported_before_training(monkeypatch):
         tracking.check_reachable(timeout=2)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking.tracking_uri().startswith("sqlite:///") and tracking.tracking_uri().endswith("mlflow/mlflow.db")
+
+
+def test_missing_inception_weights_stop_evaluate_first_in_one_line(tmp_path, monkeypatch, capsys):
+    """evaluate.fid_features: inception without the weights (and without data.download): one line saying what is
+    missing and where it looked, before the model, the data or the network are touched; nothing downloads."""
+    import torch
+    import yaml
+
+    from pipeline.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("downloaded"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["evaluate"]["fid_features"] = "inception"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["evaluate"]) == 2
+    cache = tmp_path / "torch" / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    assert capsys.readouterr().err == (
+        f"error: evaluate: FID Inception weights pt_inception-2015-12-05-6726825d.pth not found: "
+        f"evaluate.inception_weights is null and torch hub's cache has no {cache}; copy the file there or name it "
+        f"in evaluate.inception_weights, or set data.download: true to fetch it (internet)\n")
+    params["evaluate"]["inception_weights"] = "weights/fid.pth"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["evaluate"]) == 2
+    assert capsys.readouterr().err.startswith("error: evaluate: FID Inception weights not found at weights/fid.pth")
+
+
+@pytest.mark.slow
+def test_inception_fid_beside_the_proxy_on_the_same_samples(project, tmp_path, monkeypatch):
+    """evaluate_samples with Inception weights (random, right shapes): fid and kid with intervals beside the
+    unchanged fid_proxy, and the Inception features kept next to the classifier's."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from helpers import random_inception_weights
+    from pipeline import stages
+    from pipeline.params import load_params
+
+    for f in (paths.DATA, paths.DATA_INFO, paths.FEATURIZER, paths.SAMPLES):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(project / f, tmp_path / f)
+    random_inception_weights(tmp_path / "inception.pth")
+    monkeypatch.chdir(tmp_path)
+    p = load_params(project / "params.yaml")
+    report, _ = stages.evaluate_samples(p, stages.load_prepared(), torch.device("cpu"), tmp_path / "inception.pth")
+    metrics = json.loads((project / paths.METRICS).read_text())
+    # the same features: equal up to the path (evaluate at main ran this in feature space; n = 40 < 128 now
+    # takes the sample-space path, exact too): 1e-7 relative seen
+    assert report["fid_proxy"] == pytest.approx(metrics["fid_proxy"], rel=1e-6)
+    assert report["fid_ci_low"] <= report["fid"] <= report["fid_ci_high"] and report["fid"] > 0
+    assert report["fid_floor"] >= 0 and report["kid_stderr"] > 0 and report["n_fid"] == 40
+    with np.load(paths.FID_FEATURES) as z:
+        assert z["inception_gen"].shape == z["inception_test"].shape == (40, 2048) and z["gen"].shape[0] == 40
 
 
 def test_damaged_prepared_data_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):

@@ -24,7 +24,7 @@ from pipeline import tracking
 from helpers import TINY_MODEL, tiny_unet
 
 NAME = "ddpm-tiny"
-SAMPLING = {"sampler": "ddim", "steps": 5, "eta": 0.0, "clip_x0": True, "batch_size": 4}
+SAMPLING = {"sampler": "ddim", "steps": 5, "eta": 0.0, "order": 2, "clip_x0": True, "batch_size": 4}
 SCHEDULE = NoiseSchedule.named("cosine", 20)
 
 
@@ -57,10 +57,11 @@ def client():
     return mlflow.MlflowClient(tracking_uri=tracking.tracking_uri())
 
 
-def library_images(seed_net: int, seeds, sampler="ddim", steps=5, eta=0.0, clip_x0=True) -> np.ndarray:
+def library_images(seed_net: int, seeds, sampler="ddim", steps=5, eta=0.0, clip_x0=True, order=2) -> np.ndarray:
     net = tiny_unet(seed_net).eval()
     return np.concatenate([from_model_range(sample(net, SCHEDULE, 1, (1, 8, 8), s, sampler, steps, eta,
-                                                   clip_x0=clip_x0, progress=False)).numpy() for s in seeds])
+                                                   clip_x0=clip_x0, progress=False, order=order)).numpy()
+                           for s in seeds])
 
 
 def test_versions_carry_description_tags_and_a_signature_with_params(store):
@@ -74,7 +75,7 @@ def test_versions_carry_description_tags_and_a_signature_with_params(store):
     info = mlflow.models.get_model_info(f"models:/{NAME}/1")
     params = {p["name"]: (p["type"], p["default"]) for p in json.loads(info.signature.to_dict()["params"])}
     assert params == {"sampler": ("string", "ddim"), "steps": ("long", 5), "eta": ("double", 0.0),
-                      "clip_x0": ("boolean", True)}
+                      "order": ("long", 2), "clip_x0": ("boolean", True)}
     assert info.signature.inputs.input_names() == ["seed"]
     assert json.loads(info.signature.to_dict()["outputs"])[0]["tensor-spec"] == {"dtype": "uint8", "shape": [-1, 1, 8, 8]}
 
@@ -93,15 +94,25 @@ def test_predict_draws_one_image_per_seed_as_the_library_samples(store):
     assert np.array_equal(ancestral, library_images(0, [3, 4], "ancestral", 20))
     eta = model.predict(pd.DataFrame({"seed": [3]}), params={"eta": 1.0, "steps": 10, "clip_x0": False})
     assert np.array_equal(eta, library_images(0, [3], "ddim", 10, 1.0, False))
+    dpm = model.predict(pd.DataFrame({"seed": [3, 4]}), params={"sampler": "dpm_solver++", "steps": 6})
+    assert np.array_equal(dpm, library_images(0, [3, 4], "dpm_solver++", 6))
+    dpm3 = model.predict(pd.DataFrame({"seed": [3]}), params={"sampler": "dpm_solver++", "steps": 8, "order": 3})
+    assert np.array_equal(dpm3, library_images(0, [3], "dpm_solver++", 8, order=3))
+    sde = model.predict(pd.DataFrame({"seed": [3]}), params={"sampler": "dpm_solver++", "steps": 8, "eta": 1.0})
+    assert np.array_equal(sde, library_images(0, [3], "dpm_solver++", 8, 1.0))
 
 
 @pytest.mark.parametrize("params,rows,message", [
-    ({"sampler": "plms"}, [0], "sampler = 'plms': must be one of ancestral, ddim"),
+    ({"sampler": "plms"}, [0], r"sampler = 'plms': must be one of ancestral, ddim, dpm_solver\+\+"),
+    ({"sampler": "dpm_solver++", "steps": 20}, [0], r"steps = 20: must be an integer in \[2, T - 1 = 19\]"),
+    ({"sampler": "dpm_solver++", "eta": 1.5}, [0], r"eta = 1.5 is not allowed with dpm_solver\+\+: must be in"),
+    ({"sampler": "dpm_solver++", "order": 3, "eta": 0.5}, [0], "eta = 0.5 is not allowed with order = 3"),
+    ({"order": 3}, [0], "order = 3 is not allowed with sampler = 'ddim'"),
     ({"steps": 21}, [0], r"steps = 21: must be an integer in \[2, T = 20\]"),
     ({"steps": 1}, [0], r"steps = 1: must be an integer in \[2, T = 20\]"),
     ({"eta": -1.0}, [0], "eta = -1.0: must be a finite number >= 0"),
     ({"eta": float("inf")}, [0], "eta = inf: must be a finite number >= 0"),
-    ({"sampler": "ancestral", "eta": 0.5}, [0], "eta is a DDIM setting"),
+    ({"sampler": "ancestral", "eta": 0.5}, [0], r"eta is a setting of ddim and dpm_solver\+\+"),
     ({}, [-1], r"seed must be an integer in \[0, 4294967296\)"),
     ({}, [], "0 rows: ask for 1 to 1024 images at once"),
 ])
@@ -194,6 +205,9 @@ def test_mlflow_models_serve_answers_with_images(store, tmp_path):
         assert np.array_equal(images, library_images(0, [7, 0, 7], steps=10))
         status, body = post(url, {"inputs": {"seed": [3]}, "params": {"sampler": "ancestral", "steps": 20}})
         assert status == 200 and np.array_equal(np.asarray(body["predictions"]), library_images(0, [3], "ancestral", 20))
+        status, body = post(url, {"inputs": {"seed": [3, 4]}, "params": {"sampler": "dpm_solver++", "steps": 6}})
+        assert status == 200 and np.array_equal(np.asarray(body["predictions"]),
+                                                library_images(0, [3, 4], "dpm_solver++", 6))
         status, body = post(url, {"inputs": {"seed": [3]}, "params": {"sampler": "plms"}})
         assert status == 400 and "sampler = 'plms': must be one of ancestral, ddim" in body["message"]
     finally:
