@@ -101,3 +101,33 @@ def test_autocast_runs_the_network_in_bf16_and_returns_float32():
     assert resolve("cpu", "fp32", AVX2, ONE).network(net) is net
     assert isinstance(resolve("cpu", "auto", ZEN4, ONE).network(net), Autocast)
 
+
+def _params_file(folder, **train):
+    import yaml
+
+    from tests.project import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["dataset"] = "digits"
+    params["train"].update(train)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_check_stage_refuses_what_this_machine_cannot_run_in_one_line(tmp_path, monkeypatch, capsys):
+    """`python -m pipeline check` on this machine: bf16 passes where it is native and is refused in one line
+    elsewhere; cuda is refused without a GPU. Both branches are real (no injected capabilities here)."""
+    from pipeline.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    caps = detected()
+    native = bool(resolve("auto", "auto", caps, ONE).bf16_native)
+    _params_file(tmp_path, precision="bf16")
+    assert main(["check"]) == (0 if native else 2)
+    err = capsys.readouterr().err
+    if not native:
+        assert re.fullmatch(r"error: check: train.precision = 'bf16' is refused on cpu \(.+\): bf16 is not native "
+                            r"there \(CPU flags lack avx512_bf16 and amx_bf16; [^\n]+\n", err), err
+    _params_file(tmp_path, device="cuda")
+    assert main(["check"]) == (0 if caps.gpus else 2)
+    if not caps.gpus:
+        assert capsys.readouterr().err.startswith("error: check: train.device = 'cuda' but no CUDA GPU is visible")
