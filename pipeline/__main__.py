@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tracking import TrackingError
 
     expected = (ParamsError, DataError, ScheduleError, CheckpointError, NonFiniteLossError, TrackingError,
-                ComputeError)
+                ComputeError, stages.LaunchError)
     try:
         params = load_params()
         if argv[0] == "check":
@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             getattr(figures if argv[0] == "figures" else stages, argv[0])(params)
     except expected as e:
-        print(f"error: {argv[0]}: {e}", file=sys.stderr)
+        once = os.environ.get("RANK", "0") == "0" or isinstance(e, ComputeError)  # torchrun's ranks: once
+        if once and not getattr(e, "reported", False):
+            print(f"error: {argv[0]}: {e}", file=sys.stderr)
         return 2
     return 0
 

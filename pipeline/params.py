@@ -109,6 +109,7 @@ class Train(Section):
     ema_warmup: FLAG
     seed: SEED
     device: choice(DEVICES)
+    devices: integer(1, 1024, text="an integer in [1, 1024]: processes (GPUs) of one training run")
     precision: choice(PRECISIONS)
     compile: FLAG
     checkpoint_every: COUNT
@@ -206,6 +207,9 @@ class Params(BaseModel):
             check_objective(t.loss, d.variance, t.loss_weighting, names=OBJECTIVE_KEYS)
         except ValueError as err:
             raise _refuse(str(err)) from None
+        if t.batch_size % t.devices:
+            raise _refuse(f"train.batch_size = {t.batch_size} is not allowed with train.devices = {t.devices}: the "
+                          f"global batch is split evenly over the processes, use a multiple of {t.devices}")
         return self
 
     def flat(self) -> dict[str, Any]:

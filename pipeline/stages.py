@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm_core import compute
+from ddpm_core import compute, distributed
 from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.data import DataError, ImageData, from_model_range, load_dataset, to_model_range
 from ddpm_core.diffusion import output_channels
@@ -31,7 +31,16 @@ from ddpm_core.unet import build_unet
 from . import paths, reports, tracking
 from .params import Params, bound_design, library_config, sample_steps
 
-RESUME_IGNORES = ("steps", "checkpoint_every", "threads", "device")
+# devices: a checkpoint of N ranks is found by a run of another N, and refused in one line (train.ResumeError)
+RESUME_IGNORES = ("steps", "checkpoint_every", "threads", "device", "devices")
+
+
+class LaunchError(RuntimeError):
+    """The torchrun job of a multi-process train stage failed. `reported`: a rank already printed why."""
+
+    def __init__(self, message: str, reported: bool = False):
+        super().__init__(message)
+        self.reported = reported
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -101,7 +110,8 @@ def run_fingerprint(p: Params, data_sha: str) -> str:
 
 # --- where and how each stage computes: ddpm_core.compute decides, from train.device and the precisions ---
 def train_compute(p: Params) -> compute.Compute:
-    return compute.resolve(p.train.device, p.train.precision, world=compute.World(), section="train")
+    """The train stage's: this rank of a torchrun job (its environment), or the one process."""
+    return compute.resolve(p.train.device, p.train.precision, section="train")
 
 
 def sample_compute(p: Params) -> compute.Compute:
@@ -116,8 +126,10 @@ def eval_compute(p: Params) -> compute.Compute:
 
 
 def check_compute(p: Params) -> None:
-    """What this machine cannot run (bf16 where it is not native, cuda without a GPU), in one line: `check`."""
-    train_compute(p)
+    """What this machine cannot run (bf16 where it is not native, cuda without enough GPUs for train.devices),
+    in one line: `check`, and `train` before it starts torchrun. The job's last rank must find its device."""
+    n = p.train.devices
+    compute.resolve(p.train.device, p.train.precision, world=compute.World(n - 1, n, n - 1), section="train")
     sample_compute(p)
 
 
@@ -128,9 +140,30 @@ def train_config(p: Params, c: compute.Compute) -> TrainConfig:
 
 
 def train(p: Params) -> None:
+    """Train (or resume) the network; with train.devices > 1 this command starts itself as that many ranks under
+    `torchrun --standalone` (DVC's command stays `python -m pipeline train`)."""
+    if p.train.devices > 1 and not distributed.launched():
+        check_compute(p)
+        tracking.check_reachable()
+        status = distributed.relaunch(p.train.devices, ["-m", "pipeline", "train"], p.train.threads)
+        if status:  # 2: a rank printed its one-line error; anything else: its traceback or a signal
+            raise LaunchError(f"a rank of the {p.train.devices} under torchrun ended with exit status {status}",
+                              reported=status == 2)
+        return
     c = train_compute(p)
+    if c.world.world_size != p.train.devices:
+        raise compute.ComputeError(f"train.devices = {p.train.devices} but this torchrun job has "
+                                   f"{c.world.world_size} processes")
+    with distributed.session(c):
+        train_ranks(p, c)
+
+
+def train_ranks(p: Params, c: compute.Compute) -> None:
+    """The train stage in this process, one rank of train.devices; rank 0 alone writes build/model.pt and the
+    loss curve (and talks to MLflow)."""
     set_threads(p)
-    tracking.check_reachable()  # an unreachable server must not cost a finished training run
+    if c.world.is_main:
+        tracking.check_reachable()  # an unreachable server must not cost a finished training run
     data = load_prepared()
     meta = {"model": p.model.model_dump(), "diffusion": p.diffusion.model_dump(), "dataset": data.name,
             "data_sha256": data.checksum(), "image_shape": list(data.image_shape), "compute": c.describe()}
@@ -142,7 +175,9 @@ def train(p: Params) -> None:
     net = build_unet(meta["model"], channels, data.image_shape[1], output_channels(channels, p.diffusion.variance))
     schedule = NoiseSchedule.named(p.diffusion.schedule, p.diffusion.T)
     result = run_training(net, schedule, torch.from_numpy(data.train_images), train_config(p, c), state, c.device,
-                          meta)
+                          meta, world=c.world)
+    if not c.world.is_main:
+        return
     print(f"train: {c.summary()}")
     if result.resumed_from:
         print(f"train: resumed from step {result.resumed_from}")

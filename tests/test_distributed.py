@@ -1,5 +1,6 @@
 """Data-parallel training with torchrun on the CPU (gloo, 2 ranks x 1 thread) on the tiny digits data: the same
-run as one process at the same global batch, one writer, kill -9 and resume, a different N refused.
+run as one process at the same global batch, one writer, kill -9 and resume, a different N refused, and the
+train stage started under torchrun by `dvc repro`.
 
 Tolerance (measured): after 20 steps at global batch 32 the 2-rank weights differ from the 1-process weights by
 at most 2.2e-5 (learned_range + hybrid + importance-sampled t) and 2.8e-5 (default) in absolute value, weights
@@ -7,7 +8,9 @@ up to 1.03, the per-step losses by at most 4.1e-7 relatively: float rounding of 
 instead of 32 and of the gradient average, grown a little by Adam. The tests allow 1e-4 and 1e-5.
 """
 
+import json
 import os
+import re
 from pathlib import Path
 import signal
 import subprocess
@@ -21,6 +24,7 @@ from ddpm_core import distributed
 from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.compute import World
 from ddpm_core.train import ResumeError, TrainConfig, train
+from project import make_project, mlflow_runs, run
 from tests.dist_train import MODEL, SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,3 +127,24 @@ def test_each_rank_takes_its_slice_of_the_global_batch():
     with pytest.raises(ValueError, match="a batch of 30 does not split over 4 ranks"):
         distributed.rank_slice(30, World(0, 4, 0, "gloo"))
 
+
+@pytest.mark.slow
+def test_dvc_repro_with_two_devices_trains_under_torchrun(tmp_path):
+    """train.devices: 2 in params.yaml: the train stage (`python -m pipeline train`, as DVC runs it) starts
+    torchrun with 2 gloo ranks; rank 0 writes the model, the loss curve and the one MLflow run."""
+    import yaml
+
+    folder = make_project(tmp_path / "project")
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["train"]["devices"] = 2
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run("dvc repro", folder)
+    assert re.search(r"train: (fp32|bf16 autocast) on cpu \(.+\), 2 processes", out.stdout + out.stderr)
+    meta = load_checkpoint(folder / "build" / "model.pt")["meta"]["compute"]
+    assert (meta["world_size"], meta["backend"]) == (2, "gloo")
+    metrics = json.loads((folder / "reports" / "metrics.json").read_text())
+    assert metrics["train_world_size"] == 2 and metrics["train_backend"] == "gloo"
+    assert len((folder / "reports" / "train_loss.csv").read_text().splitlines()) == 31
+    _, runs_ = mlflow_runs(folder)
+    assert len(runs_) == 1 and runs_[0].data.tags["train_world_size"] == "2"
+    assert not list((folder / "build" / "train_state").glob("*.pt"))  # the finished run's scratch is removed

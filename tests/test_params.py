@@ -32,6 +32,7 @@ def test_the_shipped_params_are_valid():
     ("train", "batch_size", True, r"train.batch_size = True has the wrong type"),
     ("train", "device", "tpu", r"train.device = 'tpu' is not allowed: must be one of auto, cpu, cuda"),
     ("sample", "precision", "half", r"sample.precision = 'half' is not allowed: must be one of auto, fp32, bf16"),
+    ("train", "devices", 0, r"train.devices = 0 is not allowed: must be an integer in \[1, 1024\]"),
     ("data", "dataset", "svhn", r"data.dataset = 'svhn' is not allowed: must be one of fashion_mnist, mnist"),
     ("diffusion", "schedule", "cubic", r"diffusion.schedule = 'cubic' is not allowed: must be one of linear"),
     ("diffusion", "T", 10, r"diffusion.T = 10 does not work with diffusion.schedule = 'linear': .*T >= 21"),
@@ -242,6 +243,7 @@ MALFORMED = [
     ("vlb-min-snr", combo(diffusion__variance="learned_range", train__loss="vlb", train__loss_weighting="min_snr"),
      r"train.loss_weighting = 'min_snr' is not allowed with train.loss = 'vlb'"),
     ("precision-fp16", combo(train__precision="fp16"), r"train.precision = 'fp16' is not allowed: must be one of auto, fp32, bf16"),
+    ("batch-over-devices", combo(train__devices=3), r"train.batch_size = 64 is not allowed with train.devices = 3: the global batch is split evenly"),
     # files that are not params
     ("empty", "", r"params.yaml is empty: it must hold the sections data, diffusion, "),
     ("comments-only", "# nothing here\n", r"params.yaml is empty"),
@@ -304,7 +306,7 @@ def test_json_schema_has_every_key_with_its_type_and_range():
 
 def test_library_configs_take_every_params_key_they_have_a_field_for():
     """TrainConfig and FeaturizerConfig are filled from the params by name: every train key is a TrainConfig
-    field except the stage's own (device, threads), and every value arrives; the precision arrives resolved
+    field except the stage's own (device, devices, threads), and every value arrives; the precision arrives resolved
     (auto -> what ddpm_core.compute decided)."""
     from dataclasses import asdict, fields
 
@@ -315,7 +317,7 @@ def test_library_configs_take_every_params_key_they_have_a_field_for():
     p = validate(with_("train", "lr", "3e-4"))
     c = train_compute(p)
     cfg = asdict(train_config(p, c))
-    assert set(DEFAULTS["train"]) - set(cfg) == {"device", "threads"}
+    assert set(DEFAULTS["train"]) - set(cfg) == {"device", "devices", "threads"}
     assert p.train.precision == "auto" and cfg["precision"] == c.precision in ("fp32", "bf16")
     assert {k: cfg[k] for k in DEFAULTS["train"] if k in cfg and k != "precision"} == \
         {k: v for k, v in p.train.model_dump().items() if k in cfg and k != "precision"}
