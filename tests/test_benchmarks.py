@@ -30,3 +30,30 @@ def test_bench_precision_smoke_measures_both_arms_and_says_whether_bf16_is_nativ
     assert d["bpd_diff_ci_low"] <= d["bpd_diff"] <= d["bpd_diff_ci_high"]
     shift = report["bound"]["shift"]
     assert shift["ci_low"] <= shift["mean"] <= shift["ci_high"] and report["bound"]["fp32"]["bpd_stderr"] > 0
+
+
+@pytest.mark.slow
+def test_device_check_tiny_runs_every_section_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "benchmarks/device_check.py", "--tiny", "--out", str(out), "--work",
+                    str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True,
+                   env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    r = json.loads((out / "device_tiny.json").read_text())
+    assert set(r["speed"]) == {"default fp32", "default bf16", "ho_cifar10 fp32", "ho_cifar10 bf16"}
+    assert all(v["img_s"] > 0 and v["steps"] == 3 for v in r["speed"].values())
+    assert r["sampling"]["sample_img_s"] > 0 and r["sampling"]["elbo_passes_s"] > 0
+    assert r["agreement"]["against"] == "cpu" and all(row["within"] for row in r["agreement"]["rows"])
+    g = r["long"]
+    assert g["steps"] == 20 and g["bpd_ci_low"] < g["bpd"] < g["bpd_ci_high"] and g["fid_proxy"] > 0
+    md = (out / "device_tiny.md").read_text()
+    assert "compares the CPU with itself" in md and "--tiny" in md
+
+
+def test_ho_cifar10_unet_has_ho_et_al_s_parameter_count():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from device_check import HO_CIFAR10, HO_PARAMS
+
+    from ddpm_core.unet import build_unet
+
+    assert sum(p.numel() for p in build_unet(HO_CIFAR10, 3, 32).parameters()) == HO_PARAMS
+    assert round(HO_PARAMS / 1e6, 1) == 35.7
