@@ -47,7 +47,7 @@ from ddpm_core.train import train  # noqa: E402
 from ddpm_core.unet import build_unet  # noqa: E402
 from pipeline.params import Params, bound_design, validate  # noqa: E402
 from pipeline.reports import save_grid  # noqa: E402
-from pipeline.stages import train_config  # noqa: E402
+from pipeline.stages import sample_compute, train_compute, train_config  # noqa: E402
 
 CONFIGS = {
     "default": {},
@@ -72,7 +72,8 @@ def train_model(name: str, p: Params, images: torch.Tensor) -> tuple[torch.nn.Mo
     schedule = NoiseSchedule.named(p.diffusion.schedule, p.diffusion.T)
     path = ARGS.work / f"{name}-{p.train.steps}.pt"
     start = time.perf_counter()
-    res = train(net, schedule, images, train_config(p), path, progress=False)
+    c = train_compute(p)  # as the train stage: params' device and precision, resolved on this machine
+    res = train(net, schedule, images, train_config(p, c), path, c.device, progress=False)
     seconds = time.perf_counter() - start
     info = {"train_steps": res.step, "train_seconds": seconds if res.resumed_from < res.step else None,
             "final_train_loss": float(res.losses[-max(1, len(res.losses) // 20):].mean())}
@@ -85,7 +86,8 @@ def score_bpd(model, schedule, p: Params, data) -> dict:
     n = min(len(data.test_images), ARGS.bpd_passes // design.passes_per_image())
     pick = np.random.default_rng(p.evaluate.seed).permutation(len(data.test_images))[:n]
     start = time.perf_counter()
-    est = estimate_bound(model, schedule, to_model_range(data.test_images[pick]), pick, design,
+    device = next(model.parameters()).device  # the bound in fp32, on the device the model trained on
+    est = estimate_bound(model, schedule, to_model_range(data.test_images[pick]).to(device), pick, design,
                          p.diffusion.variance, p.diffusion.objective, 250, p.evaluate.seed)
     t = est.total
     return {"bpd": t.mean, "bpd_se": t.stderr, "bpd_ci_low": t.ci_low, "bpd_ci_high": t.ci_high, "n_bpd": n,
@@ -96,9 +98,10 @@ def score_bpd(model, schedule, p: Params, data) -> dict:
 
 def score_samples(model, schedule, p: Params, sampler: str, steps: int, featurize, data, tag: str) -> dict:
     start = time.perf_counter()
-    x = draw_samples(model, schedule, ARGS.n_fid, (1, 28, 28), seed=0, sampler=sampler, steps=steps, eta=0.0,
-                     batch_size=250, variance=p.diffusion.variance, objective=p.diffusion.objective,
-                     clip_x0=True, progress=False)
+    c = sample_compute(p)
+    x = draw_samples(c.network(model), schedule, ARGS.n_fid, (1, 28, 28), seed=0, sampler=sampler, steps=steps,
+                     eta=0.0, batch_size=250, variance=p.diffusion.variance, objective=p.diffusion.objective,
+                     clip_x0=True, device=c.device, progress=False)
     seconds = time.perf_counter() - start
     images = from_model_range(x)
     save_grid(images[:64].numpy(), ARGS.out / f"objectives_{tag}.png")

@@ -34,7 +34,7 @@ from ddpm_core.schedules import NoiseSchedule  # noqa: E402
 from ddpm_core.unet import build_unet  # noqa: E402
 from pipeline.params import load_params, sample_steps  # noqa: E402
 from pipeline.reports import save_grid  # noqa: E402
-from pipeline.stages import featurizer_config, train_config  # noqa: E402
+from pipeline.stages import featurizer_config, sample_compute, train_compute, train_config  # noqa: E402
 from ddpm_core.train import Trainer  # noqa: E402
 
 OUT = ROOT / "reports" / "benchmarks"
@@ -45,15 +45,19 @@ def train_ours(images: torch.Tensor, seconds: float) -> tuple[torch.Tensor, int,
     torch.manual_seed(p.train.seed)
     net = build_unet(p.model.model_dump(), 1, 28)
     schedule = NoiseSchedule.named(p.diffusion.schedule, p.diffusion.T)
-    trainer = Trainer(net, schedule, images, train_config(p), torch.device("cpu"))
+    c = train_compute(p)  # as the train stage would compute on this machine
+    trainer = Trainer(net, schedule, images, train_config(p, c), c.device)
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         trainer.train_step()
     model = trainer.ema.module.eval()
     t0 = time.perf_counter()
-    x = draw_samples(model, schedule, ARGS.n, (1, 28, 28), seed=0, sampler=p.sample.sampler,
-                     steps=sample_steps(p.sample, schedule.T), eta=p.sample.eta, batch_size=250, clip_x0=p.sample.clip_x0)
-    return from_model_range(x), trainer.step, {"sample_seconds": time.perf_counter() - t0, "config": p.flat()}
+    s = sample_compute(p)
+    x = draw_samples(s.network(model), schedule, ARGS.n, (1, 28, 28), seed=0, sampler=p.sample.sampler,
+                     steps=sample_steps(p.sample, schedule.T), eta=p.sample.eta, batch_size=250, clip_x0=p.sample.clip_x0,
+                     device=s.device)
+    return from_model_range(x), trainer.step, {"sample_seconds": time.perf_counter() - t0, "config": p.flat(),
+                                               "train_compute": c.describe(), "sample_compute": s.describe()}
 
 
 def train_diffusers(images: torch.Tensor, seconds: float) -> tuple[torch.Tensor, int, dict]:

@@ -6,6 +6,13 @@ Every random draw comes from saved generator states (the data order and the t / 
 generators, dropout from the global RNG) and the importance sampler's loss history is saved too, so a run
 killed at any moment and resumed from its last checkpoint ends, on CPU with the same thread count, with
 weights bit-identical to an uninterrupted run.
+
+Precision: cfg.precision is the resolved one (compute.resolve decides it; "bf16" runs the network under
+autocast, the loss stays fp32). Several ranks (torchrun, distributed.py): every rank draws the whole global
+batch from the same generators and trains on its slice; DDP averages the gradients, the importance sampler
+learns from every rank's losses (gathered, in global batch order), the EMA is updated on every rank from the
+same weights, and rank 0 alone writes. A checkpoint resumes only with the world size and precision it was
+written with.
 """
 
 from __future__ import annotations
@@ -13,8 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 import math
 from pathlib import Path
-from typing import Any, Callable, Literal
-import warnings
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,18 +28,22 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from . import distributed
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .compute import Autocast, Precision, World
 from .data import to_model_range
 from .diffusion import Objective, Variance
 from .objectives import Loss, LossWeighting, check_objective, training_losses
 from .resample import TSampler, make_t_sampler
 from .schedules import NoiseSchedule
 
-Precision = Literal["fp32", "bf16"]
-
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class ResumeError(CheckpointError, ValueError):
+    """A checkpoint that would mix two experiments if this run continued it (other settings, precision or ranks)."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,7 @@ class TrainConfig:
     t_sampler: TSampler = "uniform"
     loss_weighting: LossWeighting = "none"
     min_snr_gamma: float = 5.0  # used by loss_weighting 'min_snr'
-    precision: Precision = "fp32"
+    precision: Precision = "fp32"  # resolved by compute.resolve: 'bf16' = the network under bf16 autocast
     compile: bool = False
     checkpoint_every: int = 500
     log_every: int = 10
@@ -71,17 +81,6 @@ class TrainResult:
     resumed_from: int  # 0 for a fresh run
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when available, else cpu; cuda without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device '{name}'; choose auto, cpu or cuda")
-    return torch.device(name)
-
-
 def ema_avg_fn(decay: float, warmup: bool) -> Callable:
     """multi_avg_fn for torch.optim.swa_utils.AveragedModel: ema <- ema + (1 - d_n) (param - ema)."""
 
@@ -94,13 +93,15 @@ def ema_avg_fn(decay: float, warmup: bool) -> Callable:
 
 
 class Trainer:
-    """Owns the optimisation state of one run; the model, schedule and data are given to it."""
+    """Owns the optimisation state of one run (or of this rank of a torchrun job); the model, schedule and data
+    are given to it."""
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, cfg: TrainConfig,
-                 device: torch.device, meta: dict[str, Any] | None = None):
+                 device: torch.device, meta: dict[str, Any] | None = None, world: World = World()):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise TypeError("images must be a uint8 tensor [N, C, H, W]")
-        self.cfg, self.schedule, self.device, self.meta = cfg, schedule, device, dict(meta or {})
+        self.cfg, self.schedule, self.device, self.meta, self.world = cfg, schedule, device, dict(meta or {}), world
+        self.rows = distributed.rank_slice(cfg.batch_size, world)  # this rank's rows of every global batch
         self.images = images  # stays uint8 on CPU; batches are scaled on the way to the device
         self.model = model.to(device)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_avg_fn(cfg.ema_decay, cfg.ema_warmup),
@@ -113,68 +114,85 @@ class Trainer:
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.t_sampler = make_t_sampler(cfg.t_sampler, schedule.T)  # draws from noise_gen
-        torch.manual_seed(cfg.seed + 2)  # dropout draws from the global RNG, saved in every checkpoint
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        # dropout draws from the global RNG (saved in every checkpoint); each rank its own stream, rank 0 the
+        # one-process stream
+        torch.manual_seed(cfg.seed + 2 + DROPOUT_RANK_STRIDE * world.rank)
+        net = distributed.wrap(self.model, device, world)
+        net = torch.compile(net) if cfg.compile else net
+        self.forward = Autocast(net, device.type) if cfg.precision == "bf16" else net
         self.step = 0
         self.losses: list[float] = []
-        if cfg.precision == "bf16" and device.type == "cpu":
-            warnings.warn("bf16 autocast on CPU was measured about 9x slower than fp32 here", stacklevel=2)
 
     # --- one step ---------------------------------------------------------------------------------------
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x0, t, noise and the importance weights of t (None: all 1)."""
-        idx = torch.randint(len(self.images), (self.cfg.batch_size,), generator=self.data_gen)
-        x0 = to_model_range(self.images[idx]).to(self.device, non_blocking=True)
-        t, weights = self.t_sampler.sample(len(idx), self.noise_gen, self.device)
-        noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
+        """The global batch's x0 rows of this rank, and t, noise and the importance weights of t (None: all 1)
+        of the whole global batch (every rank draws them all, from the same generators)."""
+        n = self.cfg.batch_size
+        idx = torch.randint(len(self.images), (n,), generator=self.data_gen)
+        x0 = to_model_range(self.images[idx[self.rows]]).to(self.device, non_blocking=True)
+        t, weights = self.t_sampler.sample(n, self.noise_gen, self.device)
+        noise = torch.randn((n, *self.images.shape[1:]), generator=self.noise_gen, device=self.device)
         return x0, t, noise, weights
 
-    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        """The batch's mean loss; the sampler learns from the per-example losses before importance weights."""
-        c = self.cfg
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
-            per_example = training_losses(self.forward, self.schedule, x0, t, noise, c.objective, c.variance,
-                                          c.loss, c.loss_weighting, c.min_snr_gamma)
-        self.t_sampler.update(t, per_example)
+    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+             weights: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """This rank's mean loss (to differentiate) and the global batch's mean loss (to report). The sampler
+        learns from the global batch's per-example losses, before importance weights."""
+        c, rows = self.cfg, self.rows
+        per_example = training_losses(self.forward, self.schedule, x0, t[rows], noise[rows], c.objective,
+                                      c.variance, c.loss, c.loss_weighting, c.min_snr_gamma)
+        everyone = distributed.gather(per_example.detach(), self.world)  # [global batch], in batch order
+        self.t_sampler.update(t, everyone)
         if weights is None:
-            return per_example.mean()
-        return (per_example * weights.to(per_example.dtype)).mean()
+            return per_example.mean(), float(everyone.mean())
+        w = weights.to(per_example.dtype)
+        return (per_example * w[rows]).mean(), float((everyone * w).mean())
 
     def train_step(self) -> float:
         self.model.train()
-        loss = self.loss(*self.batch())
-        value = float(loss.detach())
-        if not math.isfinite(value):
+        loss, value = self.loss(*self.batch())
+        if not math.isfinite(value):  # the global value: every rank stops at the same step
             raise NonFiniteLossError(f"loss is {value} at step {self.step + 1}")
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the gradients over ranks here
         if self.cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
-        self.ema.update_parameters(self.model)
+        self.ema.update_parameters(self.model)  # on every rank, from the same weights: every rank's EMA is equal
         self.step += 1
         self.losses.append(value)
         return value
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        rng = {"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state(),
-               "torch": torch.get_rng_state()}
+        """The checkpoint (a collective under torchrun: every rank gives its dropout RNG state; rank 0 writes)."""
+        own = torch.get_rng_state()
+        rng = {"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state(), "torch": own}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.world.world_size > 1:
+            ranks = distributed.gather_objects({k: rng[k] for k in ("torch", "cuda") if k in rng}, self.world)
+            rng["ranks"] = {"torch": [r["torch"] for r in ranks]}
+            if "cuda" in rng:
+                rng["ranks"]["cuda"] = [r["cuda"] for r in ranks]
         return {
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
             "lr_scheduler": self.sched.state_dict(), "step": self.step, "rng": rng,
             "losses": torch.tensor(self.losses, dtype=torch.float64), "train_config": asdict(self.cfg),
-            "t_sampler": self.t_sampler.state_dict(),
+            "t_sampler": self.t_sampler.state_dict(), "world_size": self.world.world_size,
             "schedule_betas": torch.from_numpy(np.array(self.schedule.betas)), "meta": self.meta,
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         check_compatible(ckpt["train_config"], asdict(self.cfg))
+        saved_world = int(ckpt.get("world_size", 1))
+        if saved_world != self.world.world_size:
+            raise ResumeError(f"the checkpoint was written by {saved_world} process(es) and this run has "
+                              f"{self.world.world_size}: resume it with train.devices: {saved_world}, or start a "
+                              f"new checkpoint (another number of ranks would not continue the same run)")
         if not np.array_equal(ckpt["schedule_betas"].numpy(), self.schedule.betas):
-            raise ValueError("the checkpoint was trained with a different noise schedule")
+            raise ResumeError("the checkpoint was trained with a different noise schedule")
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["optimizer"])
@@ -182,11 +200,15 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.losses = ckpt["losses"].tolist()
         self.t_sampler.load_state_dict(ckpt.get("t_sampler", {}))
-        self.data_gen.set_state(ckpt["rng"]["data"])
-        self.noise_gen.set_state(ckpt["rng"]["noise"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        rng, r = ckpt["rng"], self.world.rank
+        self.data_gen.set_state(rng["data"])
+        self.noise_gen.set_state(rng["noise"])
+        torch.set_rng_state(rng["ranks"]["torch"][r] if "ranks" in rng else rng["torch"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["ranks"]["cuda"][r] if "ranks" in rng else rng["cuda"], self.device)
+
+
+DROPOUT_RANK_STRIDE = 7919  # rank r's dropout RNG is seeded seed + 2 + r * stride
 
 
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
@@ -200,22 +222,32 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
     diff = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
     if diff:
         pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in diff)
-        raise ValueError(f"checkpoint was written with other training settings ({pairs}); "
-                         f"use a new checkpoint path or the old settings")
+        why = ("; the precision is resolved per machine (auto: bf16 where native), so a run continues only where it "
+               "resolves the same" if "precision" in diff else "")
+        raise ResumeError(f"checkpoint was written with other training settings ({pairs}){why}; "
+                          f"use a new checkpoint path or the old settings")
 
 
 def train(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, cfg: TrainConfig,
           checkpoint_path: str | Path, device: torch.device | str = "cpu", meta: dict[str, Any] | None = None,
-          on_log: Callable[[int, float, float], None] | None = None, progress: bool = True) -> TrainResult:
+          on_log: Callable[[int, float, float], None] | None = None, progress: bool = True,
+          world: World = World()) -> TrainResult:
     """Train until cfg.steps, resuming from `checkpoint_path` when it exists; checkpoints every
     cfg.checkpoint_every steps and at the end. `on_log(step, loss, lr)` is called every cfg.log_every steps.
+    Under torchrun (`world` of several ranks, process group initialised) every rank calls this; rank 0 alone
+    reads the checkpoint (and broadcasts it), logs, shows progress and writes.
     """
-    trainer = Trainer(model, schedule, images, cfg, torch.device(device), meta)
-    path = Path(checkpoint_path)
-    if path.exists():
-        trainer.load_state_dict(load_checkpoint(path, map_location=trainer.device))
+    trainer = Trainer(model, schedule, images, cfg, torch.device(device), meta, world)
+    path, main = Path(checkpoint_path), world.is_main
+    if world.world_size == 1:
+        ckpt = load_checkpoint(path, map_location=trainer.device) if path.exists() else None
+    else:
+        ckpt = distributed.broadcast(load_checkpoint(path) if main and path.exists() else None, world)
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        del ckpt
     start = trainer.step
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and main))
     while trainer.step < cfg.steps:
         try:
             loss = trainer.train_step()
@@ -226,9 +258,11 @@ def train(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, cfg: 
         bar.update(1)
         if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
             bar.set_postfix(loss=f"{loss:.4f}")
-            if on_log is not None:
+            if on_log is not None and main:
                 on_log(trainer.step, loss, trainer.sched.get_last_lr()[0])
         if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
-            save_checkpoint(trainer.state_dict(), path)
+            state = trainer.state_dict()  # every rank: their RNG states are gathered
+            if main:
+                save_checkpoint(state, path)
     bar.close()
     return TrainResult(trainer.model, trainer.ema.module, np.asarray(trainer.losses), trainer.step, start)

@@ -195,8 +195,11 @@ def point_params_error(root: Path, point: Point) -> str | None:
 
 # --- git and dvc -----------------------------------------------------------------------------------------
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of stage commands: this interpreter's `python` first on PATH, telemetry off."""
+    """Environment of stage commands: this interpreter's `python` first on PATH, this code's `flows` importable
+    (flows.exp_one), telemetry off."""
+    code = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONPATH": os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH")) if p),
            "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     env.update(extra or {})
     return env
@@ -211,6 +214,11 @@ def git(root: Path, *args: str, check: bool = True) -> str:
 
 def dvc_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
+
+
+def own_exp_cmd(*args: str) -> list[str]:
+    """`dvc ARGS` through flows/exp_one.py: an `exp run --temp` that runs only the entry it queued."""
+    return [sys.executable, "-m", "flows.exp_one", *args]
 
 
 def exp_ref(baseline: str, name: str) -> str:
@@ -234,8 +242,9 @@ def failure_reason(log: str, returncode: int) -> PointError:
 
 
 def run_experiment(root: Path, point: Point, name: str, log_path: Path, env: dict[str, str]) -> None:
-    """`dvc exp run --temp` for one point; its whole output goes to log_path (appended per attempt)."""
-    cmd = dvc_cmd("--wait-for-lock", "exp", "run", "--temp", "--name", name, *point.set_args())
+    """`dvc exp run --temp` for one point, running only this point's queue entry (flows/exp_one.py: points side
+    by side in one checkout never run each other's); its whole output goes to log_path (appended per attempt)."""
+    cmd = own_exp_cmd("--wait-for-lock", "exp", "run", "--temp", "--name", name, *point.set_args())
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         log.write(f"\n$ dvc {' '.join(cmd[3:])}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -1,6 +1,6 @@
 """A study: a committed grid file run as one sweep, with the comparisons it exists for written beside the table.
 
-    python -m flows.study flows/studies/schedule-T-objective.yaml [--gpu] [--concurrency N]
+    python -m flows.study flows/studies/schedule-T-objective.yaml [--gpu] [--concurrency N | --devices 0,1,...]
 
 The grid file names the study, its budget (params keys every point gets; `gpu_budget` replaces them with
 --gpu), bundles (one grid value that sets several keys, e.g. `training: improved` = learned_range + hybrid)
@@ -29,7 +29,7 @@ import flows  # noqa: F401  (telemetry off, server start-up time: before prefect
 from prefect import flow  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
-from flows import summary  # noqa: E402
+from flows import devices as gpus, summary  # noqa: E402
 from flows.points import NAME_RE, Point, PointResult, git  # noqa: E402
 from flows.sweep import check_sweep, log_differences, project_root_env, submit_points, threads_per_point  # noqa: E402
 from pipeline import tracking  # noqa: E402
@@ -140,20 +140,23 @@ def study_dir(root: Path, name: str) -> Path:
 
 
 @flow(name="ddpm-study", log_prints=True, validate_parameters=True)
-def study(path: str, gpu: bool = False, concurrency: int = 1, project: str | None = None):
+def study(path: str, gpu: bool = False, concurrency: int = 1, project: str | None = None,
+          devices: list[int] | None = None):
     """Run the study a grid file describes (see flows/studies/), or reuse its finished points, and write its
-    summary, contrasts, plots and sample sheets to reports/studies/NAME/. gpu: the file's larger gpu_budget."""
+    summary, contrasts, plots and sample sheets to reports/studies/NAME/. gpu: the file's larger gpu_budget.
+    devices: GPU numbers; up to that many points at once, each with its own CUDA_VISIBLE_DEVICES."""
     root = Path(project or ".").resolve()
     spec = load_study(root / path if not Path(path).is_absolute() else Path(path), gpu)
-    check_sweep(root, spec.name, concurrency, None)
-    if concurrency > 1 and "train.threads" not in spec.overrides:
-        spec = dataclasses.replace(spec, overrides={**spec.overrides, "train.threads": threads_per_point(concurrency)})
+    check_sweep(root, spec.name, concurrency, None, devices)
+    at_once = len(devices) if devices else concurrency
+    if at_once > 1 and "train.threads" not in spec.overrides:
+        spec = dataclasses.replace(spec, overrides={**spec.overrides, "train.threads": threads_per_point(at_once)})
     experiment = load_params(root / "params.yaml").mlflow.experiment
     with project_root_env(root):
-        return _run_study(root, spec, concurrency, experiment)
+        return _run_study(root, spec, concurrency, experiment, devices)
 
 
-def _run_study(root: Path, spec: Study, concurrency: int, experiment: str):
+def _run_study(root: Path, spec: Study, concurrency: int, experiment: str, devices: list[int] | None = None):
     from flows import study_report
 
     start, points = time.perf_counter(), spec.points()
@@ -165,7 +168,7 @@ def _run_study(root: Path, spec: Study, concurrency: int, experiment: str):
     results: list[PointResult] = []
     files: dict[str, Path] = {}
     try:
-        results = run_models_first(root, spec.name, points, parent, concurrency)
+        results = run_models_first(root, spec.name, points, parent, concurrency, devices)
     finally:
         ok = sum(r.status == "ok" for r in results)
         message = f"{ok} of {len(points)} points succeeded"
@@ -192,7 +195,8 @@ def model_key(point: Point) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in point.settings().items() if not k.startswith("sample.")))
 
 
-def run_models_first(root: Path, name: str, points: list[Point], parent: str, concurrency: int) -> list[PointResult]:
+def run_models_first(root: Path, name: str, points: list[Point], parent: str, concurrency: int,
+                     devices: list[int] | None = None) -> list[PointResult]:
     """The first point of every model, then the others, whose train stage DVC's run-cache restores: points
     running side by side never train the same model twice. Results in grid order."""
     first: dict[tuple, int] = {}
@@ -203,7 +207,8 @@ def run_models_first(root: Path, name: str, points: list[Point], parent: str, co
     done: dict[int, PointResult] = {}
     for phase in phases:
         if phase:
-            done.update(zip(phase, submit_points(root, name, [points[i] for i in phase], parent, concurrency, None)))
+            done.update(zip(phase, submit_points(root, name, [points[i] for i in phase], parent, concurrency, None,
+                                                 devices)))
     return [done[i] for i in range(len(points))]
 
 
@@ -226,14 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("path", help="the study's grid file, e.g. flows/studies/schedule-T-objective.yaml")
     ap.add_argument("--gpu", action="store_true", help="the file's gpu_budget (train.device: auto uses the GPU)")
     ap.add_argument("--concurrency", type=int, default=1, help="points at once (default 1)")
+    ap.add_argument("--devices", metavar="0,1,...", help="GPUs: a point per free GPU, each with its own "
+                    "CUDA_VISIBLE_DEVICES; instead of --concurrency")
     args = ap.parse_args(argv)
     try:
+        devices = gpus.parse_devices(args.devices) if args.devices is not None else None
+        gpus.check_devices(devices, args.concurrency, None)
         spec = load_study(Path(args.path), args.gpu)
         print(f"study {spec.name}: {len(spec.points())} points")
     except ParamsError as e:
         print(f"error: study: {e}", file=sys.stderr)
         return 2
-    state = study(args.path, args.gpu, args.concurrency, return_state=True)
+    state = study(args.path, args.gpu, args.concurrency, devices=devices, return_state=True)
     print(state.message)
     return 0 if state.is_completed() else 1
 

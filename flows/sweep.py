@@ -2,14 +2,15 @@
 
     python -m flows.sweep --name NAME [--schedules linear cosine] [--T 100 1000] [--seeds 0 1]
         [--grid key=v1,v2 ...] [--set key=value ...] [--reference key=value ...]
-        [--concurrency 2] [--deployment ddpm-sweep-point/worker]
+        [--concurrency 2 | --devices 0,1,2,3] [--deployment ddpm-sweep-point/worker]
 
 --schedules, --T and --seeds are shortcuts for --grid diffusion.schedule=..., diffusion.T=..., train.seed=...;
 the grid is the cross product of all of them. The summary compares every point with a reference point (the
 first of the grid, or the one --reference names) by paired differences with 95% intervals.
 
 Points run as `dvc exp run --temp` in this checkout (at most `concurrency` at once, torch threads split
-between them), or, with `deployment`, as runs of the `ddpm-sweep-point` flow on a Prefect work pool whose
+between them; or, with `devices`, one per free GPU, each with its own CUDA_VISIBLE_DEVICES: flows/devices.py),
+or, with `deployment`, as runs of the `ddpm-sweep-point` flow on a Prefect work pool whose
 workers each have their own checkout (see flows/deploy.py and the README). Either way each point's
 experiment is restorable with `dvc exp apply`, its evaluate stage logs one MLflow child run under the sweep's
 parent run, and the summary goes to reports/sweeps/NAME/ and to the flow run's Prefect artifacts.
@@ -33,7 +34,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from flows import summary  # noqa: E402
+from flows import devices as gpus, summary  # noqa: E402
 from flows.points import (  # noqa: E402
     NAME_RE, Point, PointError, PointResult, collect, combine_axes, dvc_cmd, execute, existing_exp, exp_ref, git,
     make_grid, parse_grid, parse_set, point_params_error, tool_env,
@@ -59,10 +60,16 @@ def threads_per_point(concurrency: int) -> int:
 
 @task(retries=RETRIES, retry_delay_seconds=5, retry_condition_fn=_retry_transient, cache_policy=NO_CACHE,
       task_run_name="{point.label}")
-def run_point(root: Path, sweep: str, point: Point, parent_run_id: str) -> PointResult:
-    """One point in this checkout; output of `dvc exp run` in reports/sweeps/SWEEP/logs/."""
+def run_point(root: Path, sweep: str, point: Point, parent_run_id: str, pool: str = "") -> PointResult:
+    """One point in this checkout (holding its GPUs of device pool `pool`, if any); output of `dvc exp run` in
+    reports/sweeps/SWEEP/logs/."""
     log = summary.sweep_dir(root, sweep) / "logs" / f"{point.exp_name(sweep)}.log"
-    result = execute(root, point, sweep, log, tool_env({"DDPM_PARENT_RUN_ID": parent_run_id}))
+    env = {"DDPM_PARENT_RUN_ID": parent_run_id}
+    with gpus.held(pool, gpus.point_devices(root, point)) if pool else contextlib.nullcontext() as visible:
+        if visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible
+            get_run_logger().info("%s: on CUDA_VISIBLE_DEVICES=%s", point.label, visible)
+        result = execute(root, point, sweep, log, tool_env(env))
     get_run_logger().info("%s: %s%s", point.label, "reused existing experiment " if result.cached else "",
                           {k: round(v, 4) for k, v in result.metrics.items()})
     return result
@@ -113,17 +120,22 @@ def warm_shared_stages(root: Path, name: str, grid: list[Point]) -> None:
 
 
 def submit_points(root: Path, name: str, grid: list[Point], parent: str, concurrency: int,
-                  deployment: str | None) -> list[PointResult]:
-    """Invalid points fail at once; the rest run, at most `concurrency` at a time."""
+                  deployment: str | None, devices: list[int] | None = None) -> list[PointResult]:
+    """Invalid points fail at once; the rest run, at most `concurrency` at a time (with `devices`: as many as
+    have their GPUs free)."""
     logger = get_run_logger()
     commit = git(root, "rev-parse", "HEAD")
     results: dict[int, PointResult] = {}
     pending = []
+    concurrency = len(devices) if devices else concurrency
     if concurrency > 1 and not deployment:
         warm_shared_stages(root, name, grid)
+    pool = gpus.register(devices) if devices else ""
     with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
         for i, point in enumerate(grid):
             reason = point_params_error(root, point)
+            if not reason and devices and gpus.point_devices(root, point) > len(devices):
+                reason = f"train.devices = {gpus.point_devices(root, point)} needs more GPUs than devices = {devices}"
             if reason:
                 logger.error("%s cannot run: %s", point.label, reason)
                 results[i] = failed_result(point, name, reason)
@@ -133,7 +145,7 @@ def submit_points(root: Path, name: str, grid: list[Point], parent: str, concurr
                     "deployment": deployment, "commit": commit})))
             else:
                 pending.append((i, point, runner.submit(run_point, {
-                    "root": root, "sweep": name, "point": point, "parent_run_id": parent})))
+                    "root": root, "sweep": name, "point": point, "parent_run_id": parent, "pool": pool})))
         for i, point, future in pending:
             future.wait()
             if future.state.is_completed():
@@ -142,10 +154,13 @@ def submit_points(root: Path, name: str, grid: list[Point], parent: str, concurr
                 exc = future.state.result(raise_on_failure=False)
                 logger.error("%s failed: %s", point.label, exc)
                 results[i] = failed_result(point, name, str(exc))
+    gpus.release(pool)
     return [results[i] for i in sorted(results)]  # grid order
 
 
-def check_sweep(root: Path, name: str, concurrency: int, deployment: str | None) -> None:
+def check_sweep(root: Path, name: str, concurrency: int, deployment: str | None,
+                devices: list[int] | None = None) -> None:
+    gpus.check_devices(devices, concurrency, deployment)
     if not NAME_RE.match(name):
         raise ParamsError(f"sweep name {name!r} is not allowed: letters, digits, '_', '.', '-' (at most 64)")
     if concurrency < 1:
@@ -161,7 +176,7 @@ def check_sweep(root: Path, name: str, concurrency: int, deployment: str | None)
 def sweep(name: str, schedules: list[Schedule] | None = None, T: list[int] | None = None,
           overrides: Overrides | None = None, concurrency: int = 1, deployment: str | None = None,
           project: str | None = None, grid: dict[str, list[GridValue]] | None = None, seeds: list[int] | None = None,
-          reference: dict[str, GridValue] | None = None):
+          reference: dict[str, GridValue] | None = None, devices: list[int] | None = None):
     """Cross every grid key's values, run every point as a DVC experiment, and compare them with a reference.
 
     schedules, T, seeds: shortcuts for grid keys diffusion.schedule, diffusion.T, train.seed. grid: any other
@@ -171,17 +186,21 @@ def sweep(name: str, schedules: list[Schedule] | None = None, T: list[int] | Non
     e.g. {"diffusion.schedule": "linear", "diffusion.T": 100}. concurrency: points at once (torch threads
     are split between them unless train.threads is given). deployment: run the points on a work pool through
     this deployment of `ddpm-sweep-point`. project: the project's folder (default: the current directory).
+    devices: GPU numbers, e.g. [0, 1, 2, 3]: up to that many points at once, each with CUDA_VISIBLE_DEVICES
+    set to the GPUs it holds (as many as its train.devices); instead of concurrency.
     """
     root = Path(project or ".").resolve()
     overrides = typed_overrides(overrides or {}).flat()
-    check_sweep(root, name, concurrency, deployment)
+    check_sweep(root, name, concurrency, deployment, devices)
     axes = combine_axes(schedules, T, grid, seeds)
-    if concurrency > 1 and "train.threads" not in overrides and "train.threads" not in axes:
-        overrides["train.threads"] = threads_per_point(concurrency)
+    at_once = len(devices) if devices else concurrency
+    if at_once > 1 and "train.threads" not in overrides and "train.threads" not in axes:
+        overrides["train.threads"] = threads_per_point(at_once)
     points = make_grid(axes, overrides)
     experiment = load_params(root / "params.yaml").mlflow.experiment
     with project_root_env(root):
-        return _run_sweep(root, name, axes, overrides, concurrency, deployment, points, experiment, reference)
+        return _run_sweep(root, name, axes, overrides, concurrency, deployment, points, experiment, reference,
+                          devices)
 
 
 @contextlib.contextmanager
@@ -198,15 +217,16 @@ def project_root_env(root: Path):
             os.environ["DDPM_PROJECT_ROOT"] = old
 
 
-def _run_sweep(root, name, axes, overrides, concurrency, deployment, grid, experiment, reference):
+def _run_sweep(root, name, axes, overrides, concurrency, deployment, grid, experiment, reference, devices=None):
     start = time.perf_counter()
     parent = tracking.start_parent_run(
         experiment, f"sweep-{name}", {"sweep.grid": axes, "sweep.overrides": overrides,
-                                      "sweep.concurrency": concurrency, "sweep.reference": reference or "first"},
+                                      "sweep.concurrency": concurrency, "sweep.reference": reference or "first",
+                                      "sweep.devices": devices or "none"},
         {"sweep": name, "sweep_deployment": deployment or ""})
     results: list[PointResult] = []
     try:
-        results = submit_points(root, name, grid, parent, concurrency, deployment)
+        results = submit_points(root, name, grid, parent, concurrency, deployment, devices)
     finally:
         ok = sum(r.status == "ok" for r in results)
         message = f"{ok} of {len(grid)} points succeeded"
@@ -298,18 +318,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", nargs="*", default=[], metavar="KEY=VALUE",
                     help="the point the others are compared with (default: the first of the grid)")
     ap.add_argument("--concurrency", type=int, default=1, help="points at once (default 1)")
+    ap.add_argument("--devices", metavar="0,1,...", help="GPUs: a point per free GPU, each with its own "
+                    "CUDA_VISIBLE_DEVICES (a point with train.devices N holds N); instead of --concurrency")
     ap.add_argument("--deployment", help="run points on a work pool through this ddpm-sweep-point deployment")
     args = ap.parse_args(argv)
     try:
         overrides, reference = typed_overrides(parse_set(args.set)).flat(), parse_set(args.reference) or None
         grid = parse_grid(args.grid)
+        devices = gpus.parse_devices(args.devices) if args.devices is not None else None
         make_grid(combine_axes(args.schedules, args.T, grid, args.seeds), overrides)
-        check_sweep(Path.cwd(), args.name, args.concurrency, args.deployment)
+        check_sweep(Path.cwd(), args.name, args.concurrency, args.deployment, devices)
     except ParamsError as e:
         print(f"error: sweep: {e}", file=sys.stderr)
         return 2
     state = sweep(args.name, args.schedules, args.T, overrides, args.concurrency, args.deployment, grid=grid,
-                  seeds=args.seeds, reference=reference, return_state=True)
+                  seeds=args.seeds, reference=reference, devices=devices, return_state=True)
     print(state.message)
     return 0 if state.is_completed() else 1
 

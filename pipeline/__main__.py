@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true")):
         os.environ.setdefault(key, value)
     from ddpm_core.checkpoint import CheckpointError
+    from ddpm_core.compute import ComputeError
     from ddpm_core.data import DataError
     from ddpm_core.schedules import ScheduleError
     from ddpm_core.train import NonFiniteLossError
@@ -27,17 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     from .params import ParamsError, load_params
     from .tracking import TrackingError
 
-    expected = (ParamsError, DataError, ScheduleError, CheckpointError, NonFiniteLossError, TrackingError)
+    expected = (ParamsError, DataError, ScheduleError, CheckpointError, NonFiniteLossError, TrackingError,
+                ComputeError, stages.LaunchError)
     try:
         params = load_params()
         if argv[0] == "check":
+            stages.check_compute(params)  # bf16 where it is not native, cuda without GPUs: refused here
             paths.BUILD.mkdir(exist_ok=True)
             (paths.BUILD / "params.ok").write_text("params.yaml is valid\n")
             print("check: params.yaml is valid")
         else:
             getattr(figures if argv[0] == "figures" else stages, argv[0])(params)
     except expected as e:
-        print(f"error: {argv[0]}: {e}", file=sys.stderr)
+        once = os.environ.get("RANK", "0") == "0" or isinstance(e, ComputeError)  # torchrun's ranks: once
+        if once and not getattr(e, "reported", False):
+            print(f"error: {argv[0]}: {e}", file=sys.stderr)
         return 2
     return 0
 

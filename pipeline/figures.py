@@ -22,7 +22,6 @@ from ddpm_core.data import to_model_range
 from ddpm_core.diffusion import EpsModel, Variance, q_sample
 from ddpm_core.sampling import run_sampler
 from ddpm_core.schedules import SCHEDULES, NoiseSchedule, ScheduleError
-from ddpm_core.train import resolve_device
 
 from . import paths
 from .params import Params, sample_steps
@@ -193,11 +192,13 @@ def draw_all(net: EpsModel, schedule: NoiseSchedule, current: str, image: np.nda
 
 def figures(p: Params) -> None:
     """The stage: the trained EMA model and the prepared test images -> reports/figures/*.png."""
-    from .stages import load_ema_model, load_prepared, set_threads
+    from .stages import load_ema_model, load_prepared, sample_compute, set_threads
 
     set_threads(p)
-    device = resolve_device(p.train.device)
+    c = sample_compute(p)
+    device = c.device
     net, meta, schedule = load_ema_model(device)
+    net = c.network(net)
     image = load_prepared().test_images[NOISING_IMAGE]
     with torch.no_grad():
         cfg = {**p.sample.model_dump(), "steps": sample_steps(p.sample, schedule.T)}

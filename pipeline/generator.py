@@ -8,7 +8,8 @@
     output  uint8 array [N, C, H, W], pixels 0..255 (over HTTP: nested lists under "predictions")
 
 Image i is `ddpm_core.sampling.sample(net, schedule, n=1, seed=seed_i, ...)` with the same settings on the
-same device, however the rows are batched. The eps network, its schedule and the defaults travel as the
+same device, however the rows are batched. Device and precision are resolved on the serving machine by
+ddpm_core.compute, from the run's sample.precision (`auto`: bf16 where that machine computes it natively). The eps network, its schedule and the defaults travel as the
 artifact `eps_model` (ddpm_core/serving.py's file, loaded with weights_only=True).
 
 This file is the model's code (MLflow's "models from code"): MLflow runs it where the model is loaded or
@@ -25,6 +26,7 @@ from mlflow.exceptions import MlflowException
 import numpy as np
 import torch
 
+from ddpm_core.compute import World, resolve
 from ddpm_core.data import from_model_range
 from ddpm_core.sampling import SAMPLERS, check_sampler, max_steps, sample_seeds
 from ddpm_core.serving import load_eps_model
@@ -74,8 +76,11 @@ class Generator(mlflow.pyfunc.PythonModel):
     """predict(rows with `seed`, params) -> uint8 images [N, C, H, W] (see the module docstring)."""
 
     def load_context(self, context) -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.net, self.schedule, self.meta = load_eps_model(context.artifacts[ARTIFACT], self.device)
+        net, self.schedule, self.meta = load_eps_model(context.artifacts[ARTIFACT], "cpu")
+        setting = self.meta["sampling"].get("precision", "auto")  # files logged before it was recorded: auto
+        self.compute = resolve("auto", setting, world=World(), section="sample")
+        self.device = self.compute.device
+        self.net = self.compute.network(net.to(self.device))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         seeds = check_seeds(model_input)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 import yaml
 
+from ddpm_core.compute import DEVICES, PRECISIONS
 from ddpm_core.data import DATASETS
 from ddpm_core.diffusion import OBJECTIVES, VARIANCES
 from ddpm_core.elbo_mc import ESTIMATORS, BoundDesign
@@ -107,8 +108,9 @@ class Train(Section):
     ema_decay: FRACTION
     ema_warmup: FLAG
     seed: SEED
-    device: choice(("auto", "cpu", "cuda"))
-    precision: choice(("fp32", "bf16"))
+    device: choice(DEVICES)
+    devices: integer(1, 1024, text="an integer in [1, 1024]: processes (GPUs) of one training run")
+    precision: choice(PRECISIONS)
     compile: FLAG
     checkpoint_every: COUNT
     threads: SEED
@@ -134,6 +136,7 @@ class Sample(Section):
     clip_x0: FLAG
     seed: SEED
     batch_size: COUNT
+    precision: choice(PRECISIONS)
 
 
 class Evaluate(Section):
@@ -213,9 +216,9 @@ class Params(BaseModel):
             check_objective(t.loss, d.variance, t.loss_weighting, names=OBJECTIVE_KEYS)
         except ValueError as err:
             raise _refuse(str(err)) from None
-        if t.precision == "bf16" and t.device == "cpu":
-            raise _refuse("train.precision = 'bf16' is not allowed with train.device = 'cpu': bf16 autocast is for "
-                          "CUDA (measured ~9x slower on this CPU); use fp32")
+        if t.batch_size % t.devices:
+            raise _refuse(f"train.batch_size = {t.batch_size} is not allowed with train.devices = {t.devices}: the "
+                          f"global batch is split evenly over the processes, use a multiple of {t.devices}")
         return self
 
     def flat(self) -> dict[str, Any]:

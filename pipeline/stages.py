@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpm_core import compute, distributed
 from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.data import DataError, ImageData, from_model_range, load_dataset, to_model_range
 from ddpm_core.diffusion import output_channels
@@ -24,13 +26,22 @@ from ddpm_core.inception import find_weights, inception_featurize
 from ddpm_core.sampling import sample as draw_samples
 from ddpm_core.schedules import NoiseSchedule
 from ddpm_core.serving import save_eps_model
-from ddpm_core.train import TrainConfig, resolve_device, train as run_training
+from ddpm_core.train import TrainConfig, train as run_training
 from ddpm_core.unet import build_unet
 
 from . import paths, reports, tracking
 from .params import Params, bound_design, library_config, sample_steps
 
-RESUME_IGNORES = ("steps", "checkpoint_every", "threads", "device")
+# devices: a checkpoint of N ranks is found by a run of another N, and refused in one line (train.ResumeError)
+RESUME_IGNORES = ("steps", "checkpoint_every", "threads", "device", "devices")
+
+
+class LaunchError(RuntimeError):
+    """The torchrun job of a multi-process train stage failed. `reported`: a rank already printed why."""
+
+    def __init__(self, message: str, reported: bool = False):
+        super().__init__(message)
+        self.reported = reported
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -98,25 +109,77 @@ def run_fingerprint(p: Params, data_sha: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def train_config(p: Params) -> TrainConfig:
-    return library_config(TrainConfig, p.diffusion, p.train)  # objective, variance and the train keys
+# --- where and how each stage computes: ddpm_core.compute decides, from train.device and the precisions ---
+def train_compute(p: Params) -> compute.Compute:
+    """The train stage's: this rank of a torchrun job (its environment), or the one process."""
+    return compute.resolve(p.train.device, p.train.precision, section="train")
+
+
+def sample_compute(p: Params) -> compute.Compute:
+    """The sample stage's (and the figures'): one process, sample.precision."""
+    return compute.resolve(p.train.device, p.sample.precision, world=compute.World(), section="sample")
+
+
+def eval_compute(p: Params) -> compute.Compute:
+    """evaluate's: the bound and the FID-proxy features in fp32 (the network in bf16 moved the default model's
+    bound by +0.011 bits/dim, 0.19 standard errors at 2,000 passes: reports/benchmarks/precision_bound.md)."""
+    return compute.resolve(p.train.device, "fp32", world=compute.World(), section="evaluate")
+
+
+def check_compute(p: Params) -> None:
+    """What this machine cannot run (bf16 where it is not native, cuda without enough GPUs for train.devices),
+    in one line: `check`, and `train` before it starts torchrun. The job's last rank must find its device."""
+    n = p.train.devices
+    compute.resolve(p.train.device, p.train.precision, world=compute.World(n - 1, n, n - 1), section="train")
+    sample_compute(p)
+
+
+def train_config(p: Params, c: compute.Compute) -> TrainConfig:
+    """The library's config: objective, variance, the train keys, and the precision `c` resolved."""
+    cfg = library_config(TrainConfig, p.diffusion, p.train.model_copy(update={"precision": "fp32"}))
+    return dataclasses.replace(cfg, precision=c.precision)
 
 
 def train(p: Params) -> None:
+    """Train (or resume) the network; with train.devices > 1 this command starts itself as that many ranks under
+    `torchrun --standalone` (DVC's command stays `python -m pipeline train`)."""
+    if p.train.devices > 1 and not distributed.launched():
+        check_compute(p)
+        tracking.check_reachable()
+        status = distributed.relaunch(p.train.devices, ["-m", "pipeline", "train"], p.train.threads)
+        if status:  # 2: a rank printed its one-line error; anything else: its traceback or a signal
+            raise LaunchError(f"a rank of the {p.train.devices} under torchrun ended with exit status {status}",
+                              reported=status == 2)
+        return
+    c = train_compute(p)
+    if c.world.world_size != p.train.devices:
+        raise compute.ComputeError(f"train.devices = {p.train.devices} but this torchrun job has "
+                                   f"{c.world.world_size} processes")
+    with distributed.session(c):
+        train_ranks(p, c)
+
+
+def train_ranks(p: Params, c: compute.Compute) -> None:
+    """The train stage in this process, one rank of train.devices; rank 0 alone writes build/model.pt and the
+    loss curve (and talks to MLflow)."""
     set_threads(p)
-    device = resolve_device(p.train.device)
-    tracking.check_reachable()  # an unreachable server must not cost a finished training run
+    if c.world.is_main:
+        tracking.check_reachable()  # an unreachable server must not cost a finished training run
     data = load_prepared()
     meta = {"model": p.model.model_dump(), "diffusion": p.diffusion.model_dump(), "dataset": data.name,
-            "data_sha256": data.checksum(), "image_shape": list(data.image_shape)}
+            "data_sha256": data.checksum(), "image_shape": list(data.image_shape), "compute": c.describe()}
     meta["fingerprint"] = run_fingerprint(p, meta["data_sha256"])
     # Scratch checkpoint of this exact configuration: a killed run resumes from it, a finished one removes it.
     state = paths.TRAIN_STATE / f"{meta['fingerprint'][:16]}.pt"
     torch.manual_seed(p.train.seed)
-    c = data.image_shape[0]
-    net = build_unet(meta["model"], c, data.image_shape[1], output_channels(c, p.diffusion.variance))
+    channels = data.image_shape[0]
+    net = build_unet(meta["model"], channels, data.image_shape[1], output_channels(channels, p.diffusion.variance))
     schedule = NoiseSchedule.named(p.diffusion.schedule, p.diffusion.T)
-    result = run_training(net, schedule, torch.from_numpy(data.train_images), train_config(p), state, device, meta)
+    result = run_training(net, schedule, torch.from_numpy(data.train_images), train_config(p, c), state, c.device,
+                          meta, world=c.world)
+    if not c.world.is_main:
+        return
+    print(f"train: {c.summary()}")
     if result.resumed_from:
         print(f"train: resumed from step {result.resumed_from}")
     tmp = paths.MODEL.with_name(paths.MODEL.name + ".tmp")
@@ -144,21 +207,21 @@ def load_ema_model(device: torch.device, path: Path = paths.MODEL) -> tuple[torc
 # --- sample ----------------------------------------------------------------------------------------------
 def sample(p: Params) -> None:
     set_threads(p)
-    device = resolve_device(p.train.device)
-    net, meta, schedule = load_ema_model(device)
+    c = sample_compute(p)
+    net, meta, schedule = load_ema_model(c.device)
     s = p.sample
     steps = sample_steps(s, schedule.T)
     start = time.perf_counter()
-    x = draw_samples(net, schedule, s.n, tuple(meta["image_shape"]), s.seed, s.sampler, steps,
+    x = draw_samples(c.network(net), schedule, s.n, tuple(meta["image_shape"]), s.seed, s.sampler, steps,
                      s.eta, s.batch_size, p.diffusion.variance, p.diffusion.objective, s.clip_x0,
-                     device, order=s.order)
+                     c.device, order=s.order)
     seconds = time.perf_counter() - start
     images = from_model_range(x).numpy()
     np.savez(paths.SAMPLES, images=images)
     reports.save_grid(images[:64], paths.SAMPLE_GRID)
     write_json(paths.SAMPLE_STATS, {"sample_seconds": seconds, "n": s.n, "sampler": s.sampler, "order": s.order,
-                                    "steps": steps, "device": str(device)})
-    print(f"sample: {s.n} samples in {seconds:.1f} s ({s.sampler}, {steps} network evaluations)")
+                                    "steps": steps, "device": str(c.device), "compute": c.describe()})
+    print(f"sample: {s.n} samples in {seconds:.1f} s ({s.sampler}, {steps} network evaluations; {c.summary()})")
 
 
 # --- evaluate --------------------------------------------------------------------------------------------
@@ -208,7 +271,7 @@ def evaluate_samples(p: Params, data: ImageData, device: torch.device,
 
 def evaluate(p: Params) -> None:
     set_threads(p)
-    device = resolve_device(p.train.device)
+    device = eval_compute(p).device
     weights = inception_weights(p)  # before the long bound: a missing file stops evaluate at once
     net, meta, schedule = load_ema_model(device)
     data = load_prepared()
@@ -216,14 +279,16 @@ def evaluate(p: Params) -> None:
     fid, accuracy = evaluate_samples(p, data, device, weights)
     losses = reports.read_csv_columns(paths.TRAIN_CURVE)
     sample_stats = json.loads(paths.SAMPLE_STATS.read_text())
+    ran = what_ran(meta, sample_stats)
     metrics = {**bound.total.as_dict("bpd"), "prior_bpd": bound.prior_bpd, "decoder_bpd": bound.decoder_bpd,
                "n_bpd": len(bound.per_image), "bpd_network_passes": bound.network_passes,
                "bpd_exact_t": bound.design.exact_t, "bpd_draws": bound.design.draws, "bpd_seconds": bpd_seconds,
                **fid, "classifier_accuracy": accuracy, "sample_steps": sample_stats["steps"],
                "sample_seconds": sample_stats["sample_seconds"],
-               "final_train_loss": float(losses["loss"][-max(1, len(losses["loss"]) // 20):].mean())}
+               "final_train_loss": float(losses["loss"][-max(1, len(losses["loss"]) // 20):].mean()),
+               **ran}
     write_reports(p, metrics, bound, losses)
-    run = log_to_mlflow(p, net, schedule, meta, metrics, losses)
+    run = log_to_mlflow(p, net, schedule, meta, metrics, losses, ran)
     write_json(paths.MLFLOW_RUN, run)
     print(f"evaluate: bpd {metrics['bpd']:.3f} (95% CI {metrics['bpd_ci_low']:.3f} to {metrics['bpd_ci_high']:.3f}, "
           f"{metrics['n_bpd']} images), fid_proxy {metrics['fid_proxy']:.3f} (95% CI {metrics['fid_proxy_ci_low']:.3f}"
@@ -232,12 +297,26 @@ def evaluate(p: Params) -> None:
              f"Inception {weights})" if weights else "") + f"; MLflow run {run['run_id']}")
 
 
+def what_ran(meta: dict[str, Any], sample_stats: dict[str, Any]) -> dict[str, Any]:
+    """How the network was trained and sampled (compute.describe() of each stage, recorded by it) and how the
+    bound was computed: metrics.json's and the MLflow tags' record of the machine and precision."""
+    unknown = dict.fromkeys(("precision", "device", "device_name", "bf16_native", "backend", "torch"), "unknown")
+    trained = {**unknown, "world_size": 1, **meta.get("compute", {})}
+    sampled = {**unknown, **sample_stats.get("compute", {})}
+    out = {f"train_{k}": v for k, v in trained.items() if k != "torch"}
+    return out | {"sample_precision": sampled["precision"], "sample_device_name": sampled["device_name"],
+                  "bound_precision": "fp32", "torch_version": trained["torch"]}
+
+
 def log_to_mlflow(p: Params, net: torch.nn.Module, schedule: NoiseSchedule, meta: dict[str, Any],
-                  metrics: dict[str, Any], losses: dict[str, np.ndarray]) -> dict[str, str]:
-    """The MLflow run, with the generator registered as ddpm-<dataset> (its description and tags say what it is)."""
+                  metrics: dict[str, Any], losses: dict[str, np.ndarray],
+                  ran: dict[str, Any] | None = None) -> dict[str, str]:
+    """The MLflow run, with the generator registered as ddpm-<dataset> (its description and tags say what it is;
+    `ran`, how it was trained and sampled, becomes tags of the run and the version)."""
     d = p.diffusion
     tags = {"data_sha256": meta["data_sha256"], "dataset": meta["dataset"],
-            "run_name": f"{meta['dataset']}-{d.schedule}-T{d.T}"}
+            "run_name": f"{meta['dataset']}-{d.schedule}-T{d.T}",
+            **{k: str(v) for k, v in (ran or {}).items()}}
     model_tags = {**d.model_dump(), "loss": p.train.loss, "train_steps": p.train.steps,
                   "bpd": f"{metrics['bpd']:.4f}", "fid_proxy": f"{metrics['fid_proxy']:.3f}"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,7 +324,7 @@ def log_to_mlflow(p: Params, net: torch.nn.Module, schedule: NoiseSchedule, meta
         save_eps_model(eps_file, net, schedule, {**meta, "variance": d.variance, "objective": d.objective,
                                                  "sampling": sampling_defaults(p, schedule.T)})
         return tracking.log_run(
-            p.mlflow.experiment, p.flat(), {k: float(v) for k, v in metrics.items()},
+            p.mlflow.experiment, p.flat(), {k: float(v) for k, v in metrics.items() if not isinstance(v, str)},
             (losses["step"].astype(int).tolist(), losses["loss"].tolist()),
             [paths.SAMPLE_GRID, paths.LOSS_PLOT, paths.BPD_PLOT, paths.BPD_PER_T, paths.BPD_PER_IMAGE, paths.SUMMARY,
              paths.TRAIN_CURVE, *paths.FIGURE_FILES],
@@ -257,7 +336,7 @@ def sampling_defaults(p: Params, T: int) -> dict[str, Any]:
     """How the registered generator samples unless a request says otherwise: as the sample stage did."""
     s = p.sample
     return {"sampler": s.sampler, "steps": sample_steps(s, T), "eta": s.eta, "order": s.order,
-            "clip_x0": s.clip_x0, "batch_size": s.batch_size}
+            "clip_x0": s.clip_x0, "batch_size": s.batch_size, "precision": s.precision}
 
 
 def model_description(p: Params, meta: dict[str, Any], metrics: dict[str, Any]) -> str:
@@ -271,7 +350,11 @@ def model_description(p: Params, meta: dict[str, Any], metrics: dict[str, Any]) 
             f"{m['fid_proxy_ci_low']:.2f} to {m['fid_proxy_ci_high']:.2f}, {m['n_fid']} samples). predict: rows "
             f"with a `seed` column -> uint8 images [N, {', '.join(str(v) for v in meta['image_shape'])}], one "
             f"per seed; params sampler, steps, eta, order, clip_x0 (defaults {s['sampler']}, {s['steps']}, "
-            f"{s['eta']}, {s['order']}, {str(s['clip_x0']).lower()}).")
+            f"{s['eta']}, {s['order']}, {str(s['clip_x0']).lower()}). Trained in {m['train_precision']} on "
+            f"{m['train_device']} ({m['train_device_name']}; native bf16: {m['train_bf16_native']}; "
+            f"{m['train_world_size']} process(es)); sampled in {m['sample_precision']} ({m['sample_device_name']}); "
+            f"bound in fp32; torch {m['torch_version']}. Served, it samples in sample.precision = "
+            f"{s['precision']!r}, resolved on the serving machine.")
 
 
 def write_reports(p: Params, metrics: dict[str, Any], bound: BoundEstimate, losses: dict[str, np.ndarray]) -> None:

@@ -78,6 +78,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def env_tags() -> dict[str, str]:
+    """Tags a run takes from the environment its stage sees: the GPUs a sweep placed it on."""
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {"cuda_visible_devices": devices} if devices is not None else {}
+
+
 def log_run(experiment: str, params: dict[str, Any], metrics: dict[str, float], loss: tuple[list, list],
             artifacts: list[Path], model: Path, tags: dict[str, str], registered_name: str | None,
             parent_run_id: str | None = None, description: str = "",
@@ -88,7 +94,8 @@ def log_run(experiment: str, params: dict[str, Any], metrics: dict[str, float], 
     mlflow = _connect(experiment)
     from mlflow.entities import Metric
 
-    all_tags = {"git_commit": git_commit(), "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""), **tags}
+    all_tags = {"git_commit": git_commit(), "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""), **env_tags(),
+                **tags}
     parent = parent_run_id or os.environ.get("DDPM_PARENT_RUN_ID")
     with mlflow.start_run(run_name=tags.get("run_name"), tags=all_tags, parent_run_id=parent or None) as run:
         mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()})

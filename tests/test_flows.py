@@ -401,7 +401,9 @@ def test_serve_puts_the_sweep_in_the_ui_with_editable_parameters_and_a_schedule(
         proc.wait(60)
     schema = deployment.parameter_openapi_schema
     props = schema["properties"]
-    assert {"name", "schedules", "T", "overrides", "concurrency", "deployment", "grid", "seeds", "reference"} <= set(props)
+    assert {"name", "schedules", "T", "overrides", "concurrency", "deployment", "grid", "seeds", "reference",
+            "devices"} <= set(props)
+    assert {"type": "array", "items": {"type": "integer"}} in props["devices"]["anyOf"]  # typed GPU numbers
     # overrides: a form of params.yaml's sections and keys, each typed with its range, not a free JSON box
     assert {"$ref": "#/definitions/Overrides"} in props["overrides"]["anyOf"]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -415,3 +417,69 @@ def test_serve_puts_the_sweep_in_the_ui_with_editable_parameters_and_a_schedule(
     assert '"type": "array"' in grid and '"integer"' in grid and '"string"' in grid
     assert deployment.parameters["schedules"] == ["linear", "cosine"] and deployment.parameters["T"] == [100, 1000]
     assert [s.schedule.interval.total_seconds() for s in schedules] == [3600]
+
+
+# --- points side by side: each runs once, on its own devices --------------------------------------------
+def point_log_span(log: Path) -> tuple[float, float]:
+    """(start, end) of a point's `dvc exp run`: the time stamp of its command line, and the log's last write."""
+    stamp = re.search(r"# (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", log.read_text()).group(1)
+    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")), log.stat().st_mtime
+
+
+@pytest.mark.slow
+def test_a_sweep_places_points_on_devices_each_with_its_own_cuda_visible_devices(harness, project, monkeypatch):
+    """--devices 0,1 on a CPU machine: two points at once, CUDA_VISIBLE_DEVICES 0 and 1, recorded in MLflow."""
+    from flows.sweep import sweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    state = sweep("dev", ["linear"], [50], {"train.steps": 4}, grid={"train.seed": [5, 6]}, devices=[0, 1],
+                  project=str(project), return_state=True)
+    assert state.is_completed(), state.message
+    client = mlflow_client(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    parent, children = sweep_runs(client, "dev")
+    assert len(children) == 2 and parent.data.params["sweep.devices"] == "[0, 1]"
+    assert sorted(c.data.tags["cuda_visible_devices"] for c in children) == ["0", "1"]
+    spans = [point_log_span(p) for p in (summary.sweep_dir(project, "dev") / "logs").glob("dev-*.log")]
+    assert len(spans) == 2 and max(s for s, _ in spans) < min(e for _, e in spans)  # they ran at the same time
+
+
+def test_devices_are_checked_before_anything_runs(monkeypatch, capsys):
+    from flows import study, sweep
+
+    monkeypatch.chdir(ROOT)
+    for args, message in ((["--devices", "0,0"], "give distinct GPU numbers"),
+                          (["--devices", "0,x"], "is not a list of GPU numbers"),
+                          (["--devices", "0,1", "--concurrency", "2"], "give devices or concurrency, not both"),
+                          (["--devices", "0", "--deployment", "d/w"], "workers of a pool own their GPUs")):
+        assert sweep.main(["--name", "x", "--T", "100", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: sweep: ") and message in err and err.count("\n") == 1, err
+    assert study.main(["flows/studies/schedule-T-objective.yaml", "--devices", "1,1"]) == 2
+    assert "give distinct GPU numbers" in capsys.readouterr().err
+
+
+TINY_POINT = {"train.steps": 2, "sample.n": 20, "sample.batch_size": 20, "evaluate.n_fid": 20,
+              "evaluate.bpd_passes": 160, "mlflow.register_model": False}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("concurrency", [2, 4])
+def test_eight_points_side_by_side_make_one_run_each_and_run_their_stages_once(harness, project, monkeypatch,
+                                                                               concurrency):
+    """Before flows/exp_one.py, `dvc exp run --temp` processes in one checkout popped each other's queue
+    entries (a point run twice, or under another point's environment)."""
+    from flows.sweep import sweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    name, seeds = f"many{concurrency}", list(range(10 * concurrency, 10 * concurrency + 8))
+    state = sweep(name, ["linear"], [50], TINY_POINT, grid={"train.seed": seeds}, concurrency=concurrency,
+                  project=str(project), return_state=True)
+    assert state.is_completed(), state.message
+    client = mlflow_client(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    _, children = sweep_runs(client, name)
+    expected = {f"{name}-linear-t50-seed{s}" for s in seeds}
+    assert len(children) == 8 and {c.data.tags["dvc_experiment"] for c in children} == expected
+    logs = {p.stem: p.read_text() for p in (summary.sweep_dir(project, name) / "logs").glob(f"{name}-*.log")}
+    assert set(logs) == expected
+    for exp, text in logs.items():  # each point ran its own stages, once, in its own process
+        assert text.count("Running stage 'train'") == 1 and text.count("Running stage 'evaluate'") == 1, exp

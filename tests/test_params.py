@@ -31,6 +31,8 @@ def test_the_shipped_params_are_valid():
     ("train", "ema_warmup", "yes", r"train.ema_warmup = 'yes' has the wrong type: must be true or false"),
     ("train", "batch_size", True, r"train.batch_size = True has the wrong type"),
     ("train", "device", "tpu", r"train.device = 'tpu' is not allowed: must be one of auto, cpu, cuda"),
+    ("sample", "precision", "half", r"sample.precision = 'half' is not allowed: must be one of auto, fp32, bf16"),
+    ("train", "devices", 0, r"train.devices = 0 is not allowed: must be an integer in \[1, 1024\]"),
     ("data", "dataset", "svhn", r"data.dataset = 'svhn' is not allowed: must be one of fashion_mnist, mnist"),
     ("diffusion", "schedule", "cubic", r"diffusion.schedule = 'cubic' is not allowed: must be one of linear"),
     ("diffusion", "T", 10, r"diffusion.T = 10 does not work with diffusion.schedule = 'linear': .*T >= 21"),
@@ -249,7 +251,6 @@ MALFORMED = [
     ("learned-simple", combo(diffusion__variance="learned_range"), r"diffusion.variance = 'learned_range' is not allowed with train.loss = 'simple'"),
     ("vlb-min-snr", combo(diffusion__variance="learned_range", train__loss="vlb", train__loss_weighting="min_snr"),
      r"train.loss_weighting = 'min_snr' is not allowed with train.loss = 'vlb'"),
-    ("bf16-cpu", combo(train__precision="bf16", train__device="cpu"), r"train.precision = 'bf16' is not allowed with train.device = 'cpu'"),
     ("dpm-eta-over-1", combo(sample__sampler="dpm_solver++", sample__eta=1.5),
      r"sample.eta = 1.5 is not allowed with dpm_solver\+\+: must be in \[0, 1\]"),
     ("dpm-order3-sde", combo(sample__sampler="dpm_solver++", sample__order=3, sample__eta=0.5),
@@ -257,6 +258,8 @@ MALFORMED = [
     ("ddim-order", combo(sample__order=3), r"sample.order = 3 is not allowed with sample.sampler = 'ddim': order is a dpm_solver\+\+ setting"),
     ("dpm-steps-T", combo(sample__sampler="dpm_solver++", sample__steps=1000),
      r"sample.steps = 1000 is not allowed: must be in \[2, diffusion.T - 1 = 999 with dpm_solver\+\+\]"),
+    ("precision-fp16", combo(train__precision="fp16"), r"train.precision = 'fp16' is not allowed: must be one of auto, fp32, bf16"),
+    ("batch-over-devices", combo(train__devices=3), r"train.batch_size = 64 is not allowed with train.devices = 3: the global batch is split evenly"),
     # files that are not params
     ("empty", "", r"params.yaml is empty: it must hold the sections data, diffusion, "),
     ("comments-only", "# nothing here\n", r"params.yaml is empty"),
@@ -319,17 +322,21 @@ def test_json_schema_has_every_key_with_its_type_and_range():
 
 def test_library_configs_take_every_params_key_they_have_a_field_for():
     """TrainConfig and FeaturizerConfig are filled from the params by name: every train key is a TrainConfig
-    field except the stage's own (device, threads), and every value arrives."""
+    field except the stage's own (device, devices, threads), and every value arrives; the precision arrives resolved
+    (auto -> what ddpm_core.compute decided)."""
     from dataclasses import asdict, fields
 
     from ddpm_core.fid import FeaturizerConfig
     from ddpm_core.train import TrainConfig
-    from pipeline.stages import featurizer_config, train_config
+    from pipeline.stages import featurizer_config, train_compute, train_config
 
     p = validate(with_("train", "lr", "3e-4"))
-    cfg = asdict(train_config(p))
-    assert set(DEFAULTS["train"]) - set(cfg) == {"device", "threads"}
-    assert {k: cfg[k] for k in DEFAULTS["train"] if k in cfg} == {k: v for k, v in p.train.model_dump().items() if k in cfg}
+    c = train_compute(p)
+    cfg = asdict(train_config(p, c))
+    assert set(DEFAULTS["train"]) - set(cfg) == {"device", "devices", "threads"}
+    assert p.train.precision == "auto" and cfg["precision"] == c.precision in ("fp32", "bf16")
+    assert {k: cfg[k] for k in DEFAULTS["train"] if k in cfg and k != "precision"} == \
+        {k: v for k, v in p.train.model_dump().items() if k in cfg and k != "precision"}
     assert cfg["lr"] == 3e-4 and cfg["objective"] == "eps" and cfg["variance"] == "fixed_small"
     assert set(f.name for f in fields(TrainConfig)) - set(DEFAULTS["train"]) - {"objective", "variance"} == {"log_every"}
     f = featurizer_config(p)

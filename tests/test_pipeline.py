@@ -33,6 +33,27 @@ def test_repro_builds_every_result(project):
     assert "| fid_proxy |" in (project / paths.SUMMARY).read_text()
 
 
+def what_this_machine_resolves():
+    from ddpm_core.compute import World, resolve
+
+    return resolve("auto", "auto", world=World())
+
+
+@pytest.mark.slow
+def test_metrics_say_which_precision_and_machine_produced_them(project):
+    """params say `auto`; metrics.json, the checkpoint and sample.json say what it resolved to on this machine."""
+    from ddpm_core.checkpoint import load_checkpoint
+
+    c = what_this_machine_resolves()
+    metrics = json.loads((project / paths.METRICS).read_text())
+    assert (metrics["train_precision"], metrics["sample_precision"], metrics["bound_precision"]) == \
+        (c.precision, c.precision, "fp32")
+    assert metrics["train_device_name"] == c.device_name == metrics["sample_device_name"]
+    assert metrics["train_bf16_native"] == c.describe()["bf16_native"] and metrics["train_world_size"] == 1
+    assert load_checkpoint(project / paths.MODEL)["meta"]["compute"] == c.describe()
+    assert json.loads((project / paths.SAMPLE_STATS).read_text())["compute"]["precision"] == c.precision
+
+
 @pytest.mark.slow
 def test_mlflow_records_one_complete_run(project):
     client, runs = mlflow_runs(project)
@@ -45,6 +66,10 @@ def test_mlflow_records_one_complete_run(project):
     assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 30
     assert r.data.tags["data_sha256"] == json.loads((project / paths.DATA_INFO).read_text())["sha256"]
     assert len(r.data.tags["git_commit"]) == 40
+    c = what_this_machine_resolves()
+    assert (r.data.tags["train_precision"], r.data.tags["sample_precision"], r.data.tags["bound_precision"],
+            r.data.tags["train_device_name"]) == (c.precision, c.precision, "fp32", c.device_name)
+    assert r.data.params["train.precision"] == "auto" and "train_precision" not in r.data.metrics
     names = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"samples.png", "train_loss.png", "bpd_per_t.png", "summary.md"} <= names
     assert {p.name for p in paths.FIGURE_FILES} <= names
@@ -74,6 +99,9 @@ def test_the_registered_model_generates_with_the_trained_ema_weights(project, mo
     assert v.description.startswith("DDPM generator for digits (1x8x8): linear schedule, T = 50, objective eps, "
                                     "variance fixed_small, loss simple, 30 training steps")
     assert f"Negative ELBO {metrics['bpd']:.3f} bits/dim" in v.description and "FID-proxy" in v.description
+    assert f"Trained in {metrics['train_precision']} on cpu ({metrics['train_device_name']}; native bf16: " \
+           f"{metrics['train_bf16_native']}; 1 process(es)); sampled in {metrics['sample_precision']}" in v.description
+    assert v.tags["train_precision"] == metrics["train_precision"]
     assert (v.tags["schedule"], v.tags["T"], v.tags["variance"], v.tags["train_steps"]) == ("linear", "50", "fixed_small", "30")
     assert float(v.tags["bpd"]) == pytest.approx(metrics["bpd"], abs=1e-4) and len(v.tags["git_commit"]) == 40
     # the network inside is the EMA network that train wrote
@@ -81,7 +109,7 @@ def test_the_registered_model_generates_with_the_trained_ema_weights(project, mo
     ema = load_checkpoint(project / paths.MODEL)["ema"]
     assert all(torch.equal(w, ema[f"module.{k}"]) for k, w in net.state_dict().items())
     assert meta["sampling"] == {"sampler": "ddim", "steps": 10, "eta": 0.0, "order": 2, "clip_x0": True,
-                                "batch_size": 40}
+                                "batch_size": 40, "precision": "auto"}
     # predict: one image per seed, as the library samples with the run's settings
     images = mlflow.pyfunc.load_model(f"models:/ddpm-digits/{v.version}").predict(pd.DataFrame({"seed": [5, 6]}))
     expected = [from_model_range(sample(net, schedule, 1, (1, 8, 8), s, "ddim", 10, progress=False)) for s in (5, 6)]

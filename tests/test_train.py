@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from ddpm_core.checkpoint import load_checkpoint
+from ddpm_core.compute import World, resolve
 from ddpm_core.schedules import NoiseSchedule
-from ddpm_core.train import NonFiniteLossError, TrainConfig, ema_avg_fn, train
+from ddpm_core.train import NonFiniteLossError, ResumeError, TrainConfig, ema_avg_fn, train
 from tests.helpers import digits_images, tiny_schedule, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +43,18 @@ def _params(m):
 # improved DDPM's setting: learned variance, hybrid loss, importance-sampled t. At T = 30 the sampler is warm
 # (10 losses for every t) after about 15 steps, so the kill at step 25 lands in the importance-sampled phase.
 LEARNED = dict(variance="learned_range", loss="hybrid", t_sampler="loss_second_moment")
-SETTINGS = {"default": ({}, tiny_schedule, None), "learned_hybrid_is": (LEARNED, lambda: NoiseSchedule.named("linear", 30), 2)}
+SETTINGS = {"default": ({}, tiny_schedule, None), "learned_hybrid_is": (LEARNED, lambda: NoiseSchedule.named("linear", 30), 2),
+            "bf16": ({"precision": "bf16"}, tiny_schedule, None)}
+# bf16 resume is checked where this CPU computes bf16 natively (what `auto` would choose); elsewhere the same test
+# runs in fp32 ("default") and this one is skipped, since emulated bf16 is not what any run here would use
+NATIVE = resolve("cpu", "auto", world=World())
+NEEDS_NATIVE_BF16 = pytest.mark.skipif(
+    NATIVE.precision != "bf16", reason=f"this CPU ({NATIVE.device_name}) has no native bf16 ({NATIVE.lacks}): "
+                                       f"auto resolves fp32 here; the fp32 twin of this test runs")
+SETTING_PARAMS = [pytest.param(k, marks=NEEDS_NATIVE_BF16) if k == "bf16" else k for k in SETTINGS]
 
 
-@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("setting", SETTING_PARAMS)
 def test_resumed_run_is_bit_identical(tmp_path, setting):
     extra, schedule, width = SETTINGS[setting]
     cfg_ = lambda: cfg(**extra)  # noqa: E731
@@ -79,6 +88,21 @@ def test_resume_refuses_other_settings(tmp_path):
               progress=False)
     more = train(tiny_unet(), tiny_schedule(), digits_images(), cfg(steps=20), tmp_path / "c.pt", progress=False)
     assert more.resumed_from == 10 and more.step == 20
+
+
+@pytest.mark.parametrize("first,then", [("fp32", "bf16"), ("bf16", "fp32")])
+def test_resume_under_another_resolved_precision_is_refused(tmp_path, first, then):
+    """A run started where bf16 resolved does not continue where fp32 does (or back): one line, no step taken.
+    The checkpoint of the bf16 side is written as a bf16 run's would be (its config), without training in bf16."""
+    path = tmp_path / "p.pt"
+    train(tiny_unet(), tiny_schedule(), digits_images(), cfg(steps=2), path, progress=False)
+    ckpt = load_checkpoint(path)
+    ckpt["train_config"]["precision"] = first
+    torch.save(ckpt, path)
+    with pytest.raises(ResumeError) as e:
+        train(tiny_unet(), tiny_schedule(), digits_images(), cfg(steps=4, precision=then), path, progress=False)
+    assert f"(precision: {first!r} -> {then!r}); the precision is resolved per machine" in str(e.value)
+    assert "\n" not in str(e.value) and load_checkpoint(path)["step"] == 2
 
 
 class NaNAfter(torch.nn.Module):
@@ -120,13 +144,14 @@ torch.set_num_threads(2)
 extra = {extra!r}
 cfg = TrainConfig(steps=60, batch_size=32, lr=2e-3, warmup_steps=5, checkpoint_every=3, log_every=1, seed=3,
                   **extra)
-net = tiny_unet(out_channels=2 if extra else None)
+net = tiny_unet(out_channels=2 if extra.get("variance") else None)
 train(net, NoiseSchedule.named("linear", {T}), digits_images(), cfg, sys.argv[1], progress=False)
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra,T", [({}, 100), (LEARNED, 30)], ids=["default", "learned_hybrid_is"])
+@pytest.mark.parametrize("extra,T", [({}, 100), (LEARNED, 30), pytest.param({"precision": "bf16"}, 100, marks=NEEDS_NATIVE_BF16)],
+                         ids=["default", "learned_hybrid_is", "bf16"])
 def test_sigkill_at_any_moment_resumes_bit_identically(tmp_path, extra, T):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(root=str(ROOT), extra=extra, T=T))

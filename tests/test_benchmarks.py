@@ -1,0 +1,59 @@
+"""The benchmarks' smoke modes run end to end (their real runs are the lead's, on a quiet machine)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ddpm_core.compute import World, resolve
+from tests.project import ROOT
+
+
+@pytest.mark.slow
+def test_bench_precision_smoke_measures_both_arms_and_says_whether_bf16_is_native(tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "benchmarks/bench_precision.py", "--smoke", "--quality", "--threads", "1",
+                    "--out", str(out), "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True,
+                   env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    report = json.loads((out / "precision_smoke.json").read_text())
+    native = resolve("auto", "auto", world=World()).precision == "bf16"
+    assert report["emulated"] == (not native) and report["arms"]["bf16"]["precision"] == "bf16"
+    md = (out / "precision_smoke.md").read_text()
+    assert ("bf16 emulated: no native bf16 on this machine" in md) == (not native)
+    for kind in ("train", "sample"):
+        assert len(report["speed"]["rounds"]["bf16"][kind]) == 2 and report["speed"][f"{kind}_ratio"]["median"] > 0
+    runs = report["quality"]["runs"]
+    assert runs["fp32"]["steps"] == runs["bf16"]["steps"] == 6
+    assert runs["bf16_equal_time"]["steps"] == report["quality"]["equal_time_steps"] >= 1
+    d = runs["bf16"]["vs_fp32"]
+    assert d["bpd_diff_ci_low"] <= d["bpd_diff"] <= d["bpd_diff_ci_high"]
+    shift = report["bound"]["shift"]
+    assert shift["ci_low"] <= shift["mean"] <= shift["ci_high"] and report["bound"]["fp32"]["bpd_stderr"] > 0
+
+
+@pytest.mark.slow
+def test_device_check_tiny_runs_every_section_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "benchmarks/device_check.py", "--tiny", "--out", str(out), "--work",
+                    str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True,
+                   env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    r = json.loads((out / "device_tiny.json").read_text())
+    assert set(r["speed"]) == {"default fp32", "default bf16", "ho_cifar10 fp32", "ho_cifar10 bf16"}
+    assert all(v["img_s"] > 0 and v["steps"] == 3 for v in r["speed"].values())
+    assert r["sampling"]["sample_img_s"] > 0 and r["sampling"]["elbo_passes_s"] > 0
+    assert r["agreement"]["against"] == "cpu" and all(row["within"] for row in r["agreement"]["rows"])
+    g = r["long"]
+    assert g["steps"] == 20 and g["bpd_ci_low"] < g["bpd"] < g["bpd_ci_high"] and g["fid_proxy"] > 0
+    md = (out / "device_tiny.md").read_text()
+    assert "compares the CPU with itself" in md and "--tiny" in md
+
+
+def test_ho_cifar10_unet_has_ho_et_al_s_parameter_count():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from device_check import HO_CIFAR10, HO_PARAMS
+
+    from ddpm_core.unet import build_unet
+
+    assert sum(p.numel() for p in build_unet(HO_CIFAR10, 3, 32).parameters()) == HO_PARAMS
+    assert round(HO_PARAMS / 1e6, 1) == 35.7
