@@ -206,9 +206,12 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
 
 def train(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, cfg: TrainConfig,
           checkpoint_path: str | Path, device: torch.device | str = "cpu", meta: dict[str, Any] | None = None,
-          on_log: Callable[[int, float, float], None] | None = None, progress: bool = True) -> TrainResult:
+          on_log: Callable[[int, float, float], None] | None = None, progress: bool = True,
+          on_checkpoint: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
     """Train until cfg.steps, resuming from `checkpoint_path` when it exists; checkpoints every
-    cfg.checkpoint_every steps and at the end. `on_log(step, loss, lr)` is called every cfg.log_every steps.
+    cfg.checkpoint_every steps and at the end. `on_log(step, loss, lr)` is called every cfg.log_every steps,
+    `on_checkpoint(step, ema_model)` just before each checkpoint is written (what it records about steps up
+    to `step` is then never behind the checkpoint a resumed run starts from).
     """
     trainer = Trainer(model, schedule, images, cfg, torch.device(device), meta)
     path = Path(checkpoint_path)
@@ -229,6 +232,8 @@ def train(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, cfg: 
             if on_log is not None:
                 on_log(trainer.step, loss, trainer.sched.get_last_lr()[0])
         if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+            if on_checkpoint is not None:
+                on_checkpoint(trainer.step, trainer.ema.module)
             save_checkpoint(trainer.state_dict(), path)
     bar.close()
     return TrainResult(trainer.model, trainer.ema.module, np.asarray(trainer.losses), trainer.step, start)
