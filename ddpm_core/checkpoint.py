@@ -41,7 +41,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Atomically write `state` (plus the format tag) to `path`."""
+    """Atomically write `state` (plus the format tag) to `path`. A write that fails (a full disk, a quota, an I/O
+    error) raises CheckpointError in one line and leaves the previous checkpoint at `path` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -53,6 +54,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         load_checkpoint(tmp)  # the old checkpoint is replaced only by one that loads
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        kept = "the previous checkpoint is kept" if path.exists() else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write the checkpoint {path} ({e.strerror or e}); {kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
