@@ -10,7 +10,8 @@ same device, however the rows are batched. The eps network, its schedule and the
 artifact `eps_model` (ddpm_core/serving.py's file, loaded with weights_only=True).
 
 This file is the model's code (MLflow's "models from code"): MLflow runs it where the model is loaded or
-served, so it imports only ddpm_core (logged with the model), torch, numpy and mlflow, and nothing imports it.
+served, so it imports only ddpm_core (logged with the model), torch, numpy, pandas and mlflow, and nothing
+imports it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 import numpy as np
+import pandas as pd  # the input's type hint: MLflow takes the signature logged with the model, no inference
 import torch
 
 from ddpm_core.data import from_model_range
@@ -70,7 +72,7 @@ class Generator(mlflow.pyfunc.PythonModel):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.net, self.schedule, self.meta = load_eps_model(context.artifacts[ARTIFACT], self.device)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         seeds = check_seeds(model_input)
         defaults = self.meta["sampling"]
         s = check_settings({**defaults, **{k: v for k, v in (params or {}).items() if v is not None}}, self.schedule.T)
