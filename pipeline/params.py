@@ -111,6 +111,7 @@ class Train(Section):
     precision: choice(("fp32", "bf16"))
     compile: FLAG
     checkpoint_every: COUNT
+    log_every: COUNT
     threads: SEED
     loss: choice(LOSSES)
     t_sampler: choice(T_SAMPLERS)
