@@ -1,0 +1,97 @@
+"""The MLflow run of `dvc repro` is live from the first training step (issue 24): RUNNING with a growing curve while
+train runs; killed with kill -9 and listed as KILLED; continued, curve and all, by the next `dvc repro`, which
+finishes it once evaluate has logged into it. Tiny digits project in a temporary Git repository."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from flows.points import tool_env
+
+from project import make_project, mlflow_runs, run
+
+STEPS, LOG_EVERY, CHECKPOINT_EVERY = 120, 2, 20
+
+
+def history(client, run_id, key="train_loss"):
+    return client.get_metric_history(run_id, key)
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """`dvc repro` watched through the MLflow store while it trains, killed (its whole process group) once a
+    checkpoint exists, then `python -m pipeline checkpoints`, then `dvc repro` again."""
+    folder = make_project(tmp_path_factory.mktemp("lifecycle"))
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["train"].update(steps=STEPS, log_every=LOG_EVERY, checkpoint_every=CHECKPOINT_EVERY)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run("git commit -qam 'a longer training'", folder)
+    env = tool_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=folder, env=env, start_new_session=True,
+                            stdout=open(folder / "killed.log", "w"), stderr=subprocess.STDOUT)
+    seen, end = [], time.time() + 900  # (time, status, points of the curve)
+    while not (any((folder / "build" / "train_state").glob("*.pt")) and len({n for _, _, n in seen if n}) >= 2):
+        assert proc.poll() is None and time.time() < end, (folder / "killed.log").read_text()[-3000:]
+        client, runs = mlflow_runs(folder) if (folder / "mlflow" / "mlflow.db").exists() else (None, [])
+        if runs:
+            seen.append((time.time(), runs[0].info.status, len(history(client, runs[0].info.run_id))))
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    listing = run(f"{sys.executable} -m pipeline checkpoints", folder).stdout
+    _, runs = mlflow_runs(folder)
+    killed = [(r.info.run_id, r.info.status) for r in runs]
+    out = run("dvc repro", folder)
+    return folder, seen, listing, killed, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_the_run_is_running_with_a_growing_curve_while_train_runs(killed_and_resumed):
+    _, seen, _, _, _ = killed_and_resumed
+    assert seen and {status for _, status, _ in seen} == {"RUNNING"}
+    counts = [n for _, _, n in seen]
+    assert counts == sorted(counts) and len({n for n in counts if n}) >= 2
+
+
+@pytest.mark.slow
+def test_a_killed_training_is_marked_killed_and_its_checkpoint_listed(killed_and_resumed):
+    _, _, listing, killed, _ = killed_and_resumed
+    assert len(killed) == 1 and killed[0][1] == "KILLED"  # nobody resumed it yet: not shown as running
+    line = next(ln for ln in listing.splitlines() if killed[0][0] in ln)
+    step, steps = map(int, re.search(r"(\d+)/(\d+)", line).groups())
+    assert steps == STEPS and step % CHECKPOINT_EVERY == 0 and 0 < step < STEPS and line.rstrip().endswith("KILLED")
+
+
+@pytest.mark.slow
+def test_the_next_repro_continues_the_same_run_to_finished(killed_and_resumed):
+    folder, seen, _, killed, out = killed_and_resumed
+    assert re.search(r"train: resumed from step \d+", out)
+    client, runs = mlflow_runs(folder)
+    assert len(runs) == 1 and runs[0].info.run_id == killed[0][0]
+    r = runs[0]
+    assert r.info.status == "FINISHED" and r.data.tags["ddpm.phase"] == "evaluated" and "bpd" in r.data.metrics
+    loss, lr = history(client, r.info.run_id), history(client, r.info.run_id, "lr")
+    grid = list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    assert [m.step for m in loss] == grid and [m.step for m in lr] == grid  # no gap at the kill, no step twice
+    images = [a.path for a in client.list_artifacts(r.info.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(re.search(r"step\+(\d+)\+", p).group(1)) for p in images) == list(
+        range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY))
+    # its duration covers the training: it started before the first observation and ended after evaluate
+    assert r.info.start_time <= seen[0][0] * 1000 and r.info.end_time >= max(m.timestamp for m in loss)
+    versions = client.search_model_versions("name='ddpm-digits'")
+    assert [v.run_id for v in versions] == [r.info.run_id]
+    assert not list((folder / "build" / "train_state").glob("*.pt"))
+
+
+@pytest.mark.slow
+def test_a_second_repro_makes_no_new_run(killed_and_resumed):
+    folder = killed_and_resumed[0]
+    assert "Data and pipelines are up to date" in run("dvc repro", folder).stdout
+    assert len(mlflow_runs(folder)[1]) == 1
