@@ -4,6 +4,7 @@
     params  sampler ('ancestral' | 'ddim'), steps (respaced steps, 2..T), eta (DDIM's, >= 0; 0 for ancestral),
             clip_x0 (clip the predicted x_0 to [-1, 1]); each defaults to the run's `sample` settings
     output  uint8 array [N, C, H, W], pixels 0..255 (over HTTP: nested lists under "predictions")
+    limits  1..1024 rows, and rows x steps network evaluations up to max_evals (refused at once, HTTP 400)
 
 Image i is `ddpm_core.sampling.sample(net, schedule, n=1, seed=seed_i, ...)` with the same settings on the
 same device, however the rows are batched. The eps network, its schedule and the defaults travel as the
@@ -17,6 +18,8 @@ imports it.
 from __future__ import annotations
 
 import math
+import os
+import threading
 from typing import Any
 
 import mlflow
@@ -32,6 +35,30 @@ from ddpm_core.serving import load_eps_model
 ARTIFACT = "eps_model"
 MAX_ROWS = 1024   # images per request
 MAX_SEED = 2**32  # seeds in [0, MAX_SEED)
+PARAMS = ("sampler", "steps", "eta", "clip_x0")
+# A request's cost is rows x network evaluations (one per sampling step). Above this many it is refused at
+# once instead of computing past the scoring server's 60 s timeout. CPU: measured (README, "Serving"); CUDA:
+# an estimate. DDPM_SERVE_MAX_EVALS sets another limit for the machine that serves.
+MAX_EVALS = {"cpu": 4_000, "cuda": 200_000}
+MAX_EVALS_ENV = "DDPM_SERVE_MAX_EVALS"
+
+
+def max_evals(device: torch.device) -> int:
+    value = os.environ.get(MAX_EVALS_ENV, "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{MAX_EVALS_ENV} = {value!r}: must be a positive integer")
+        return int(value)
+    return MAX_EVALS.get(device.type, MAX_EVALS["cpu"])
+
+
+def check_cost(rows: int, steps: int, limit: int) -> None:
+    if rows * steps > limit:
+        split = (f"split it into requests of at most {limit // steps} rows at {steps} steps" if limit >= steps
+                 else f"use at most {limit} steps")
+        raise MlflowException.invalid_parameter_value(
+            f"{rows} rows x {steps} steps = {rows * steps:,} network evaluations is above this server's limit of "
+            f"{limit:,} per request ({MAX_EVALS_ENV}); {split}")
 
 
 def check_settings(settings: dict[str, Any], T: int) -> dict[str, Any]:
@@ -41,7 +68,7 @@ def check_settings(settings: dict[str, Any], T: int) -> dict[str, Any]:
         (sampler not in SAMPLERS, f"sampler = {sampler!r}: must be one of {', '.join(SAMPLERS)}"),
         (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 2 <= steps <= T,
          f"steps = {steps!r}: must be an integer in [2, T = {T}]"),
-        (not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0),
+        (isinstance(eta, bool) or not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0),
          f"eta = {eta!r}: must be a finite number >= 0"),
         (sampler == "ancestral" and eta != 0,
          f"eta = {eta!r} with sampler 'ancestral': eta is a DDIM setting, leave it at 0"),
@@ -71,15 +98,30 @@ class Generator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.net, self.schedule, self.meta = load_eps_model(context.artifacts[ARTIFACT], self.device)
+        self.max_evals = max_evals(self.device)
+        # one sampling at a time: concurrent requests queue instead of splitting the cores between them
+        self.lock = threading.Lock()
+
+    def check(self, model_input: Any, params: dict[str, Any] | None) -> tuple[list[int], dict[str, Any]]:
+        """The request's seeds and sampling settings, or MlflowException (HTTP 400) in one line saying what
+        is wrong: the rows, a param, or the cost."""
+        seeds = check_seeds(model_input)
+        given = {k: v for k, v in (params or {}).items() if v is not None}
+        unknown = sorted(set(given) - set(PARAMS))
+        if unknown:
+            raise MlflowException.invalid_parameter_value(
+                f"unknown param {unknown[0]!r}: the params are {', '.join(PARAMS)}")
+        settings = check_settings({**self.meta["sampling"], **given}, self.schedule.T)
+        check_cost(len(seeds), settings["steps"], self.max_evals)
+        return seeds, settings
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
-        seeds = check_seeds(model_input)
-        defaults = self.meta["sampling"]
-        s = check_settings({**defaults, **{k: v for k, v in (params or {}).items() if v is not None}}, self.schedule.T)
+        seeds, s = self.check(model_input, params)
         m = self.meta
-        with torch.no_grad():
+        with self.lock, torch.no_grad():
             x = sample_seeds(self.net, self.schedule, seeds, tuple(m["image_shape"]), s["sampler"], s["steps"],
-                             s["eta"], defaults["batch_size"], m["variance"], m["objective"], s["clip_x0"], self.device)
+                             s["eta"], m["sampling"]["batch_size"], m["variance"], m["objective"], s["clip_x0"],
+                             self.device)
         return from_model_range(x).numpy()
 
 
