@@ -54,9 +54,13 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         load_checkpoint(tmp)  # the old checkpoint is replaced only by one that loads
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer reports a full disk as a RuntimeError raised while handling the OSError
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
         kept = "the previous checkpoint is kept" if path.exists() else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write the checkpoint {path} ({e.strerror or e}); {kept}") from None
+        raise CheckpointError(f"could not write the checkpoint {path} ({cause.strerror or cause}); {kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import to_model_range
 from .diffusion import Objective, Variance
 from .objectives import Loss, LossWeighting, check_objective, training_losses
@@ -234,6 +234,10 @@ def train(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, cfg: 
         if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
             if on_checkpoint is not None:
                 on_checkpoint(trainer.step, trainer.ema.module)
-            save_checkpoint(trainer.state_dict(), path)
+            try:
+                save_checkpoint(trainer.state_dict(), path)
+            except CheckpointError:  # e.g. a full disk: the error starts on a line of its own, after the bar
+                bar.close()
+                raise
     bar.close()
     return TrainResult(trainer.model, trainer.ema.module, np.asarray(trainer.losses), trainer.step, start)

@@ -51,3 +51,34 @@ def test_foreign_files_are_refused(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("as_torch_reports_it", [False, True])
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_path, monkeypatch, as_torch_reports_it):
+    """The write of a new checkpoint fails half-way (ENOSPC, raised as an OSError, or, as torch's zip writer
+    does on a real full disk, as a RuntimeError while handling it): one CheckpointError line, the old one still
+    loads, and no temporary file is left."""
+    import errno
+
+    from ddpm_core import checkpoint
+
+    path = tmp_path / "c.pt"
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    real_save = checkpoint.torch.save
+
+    def full_disk(obj, f):
+        real_save(obj, f)
+        f.truncate(7)  # half a file on disk, then the device is full
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        finally:
+            if as_torch_reports_it:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1122304 vs 1122192")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    assert str(err.value) == f"could not write the checkpoint {path} (No space left on device); the previous " \
+                             f"checkpoint is kept"
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["c.pt"]

@@ -14,7 +14,7 @@ import yaml
 
 from flows.points import tool_env
 
-from project import make_project, mlflow_runs, run
+from project import ROOT, TINY, make_project, mlflow_runs, run
 
 STEPS, LOG_EVERY, CHECKPOINT_EVERY = 120, 2, 20
 
@@ -95,3 +95,49 @@ def test_a_second_repro_makes_no_new_run(killed_and_resumed):
     folder = killed_and_resumed[0]
     assert "Data and pipelines are up to date" in run("dvc repro", folder).stdout
     assert len(mlflow_runs(folder)[1]) == 1
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_stops_train_in_one_line_and_the_next_train_resumes(tmp_path, monkeypatch, capsys):
+    """The write of the step-20 checkpoint fails as on a full disk: train stops with one line, the step-10
+    checkpoint still loads, the run is FAILED; the next train resumes from step 10 into the same run."""
+    import errno
+
+    import torch
+
+    from ddpm_core import checkpoint
+    from pipeline import paths
+    from pipeline.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DDPM_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["prepare"]) == 0
+    real_save, writes = torch.save, []
+
+    def full_disk_at_step_20(obj, f):
+        writes.append(obj.get("step"))
+        if obj.get("step") == 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk_at_step_20)
+    capsys.readouterr()
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    scratch = next(paths.scratch_dir().glob("*.pt"))
+    assert err[-1] == (f"error: train: could not write the checkpoint {scratch} (No space left on device); "
+                       f"the previous checkpoint is kept"), err
+    assert writes == [10, 20] and checkpoint.load_checkpoint(scratch)["step"] == 10
+    client, runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert main(["train"]) == 0
+    assert "train: resumed from step 10" in capsys.readouterr().out
+    client, again = mlflow_runs(tmp_path)
+    assert [(r.info.run_id, r.info.status) for r in again] == [(runs[0].info.run_id, "FINISHED")]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")] == list(range(1, 31))
