@@ -192,7 +192,10 @@ def checkpoint_grid(p: Params, live: tracking.LiveRun, schedule: NoiseSchedule, 
 def load_ema_model(device: torch.device, path: Path = paths.MODEL) -> tuple[torch.nn.Module, dict[str, Any],
                                                                           NoiseSchedule]:
     """The EMA network of train's checkpoint (build/model.pt, or another run's copy), its meta and schedule."""
-    ckpt = load_checkpoint(path, map_location=device)
+    try:
+        ckpt = load_checkpoint(path, map_location=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; run `dvc repro` (DVC restores {path} from its cache or trains it again)") from None
     meta = ckpt["meta"]
     shape = meta["image_shape"]
     width = output_channels(shape[0], meta["diffusion"]["variance"])  # 2C for a learned variance

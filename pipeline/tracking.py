@@ -110,6 +110,7 @@ class LiveRun:
         self._cond = threading.Condition()
         self._stop = self._urgent = False
         self._failed: str | None = None
+        self._attempts = 0  # sends tried so far (flush waits for one after its call)
         client.set_tag(run_id, OWNER, owner.me())
         self._beat()
         self._thread = threading.Thread(target=self._loop, name=f"mlflow-{run_id[:8]}", daemon=True)
@@ -128,9 +129,10 @@ class LiveRun:
     def flush(self, timeout: float = 60.0) -> bool:
         """Send what is queued now; False if the store did not take it (then it is retried later)."""
         with self._cond:
-            self._urgent = True
+            self._urgent, tried = True, self._attempts
             self._cond.notify_all()
-            return self._cond.wait_for(lambda: not self._pending or self._failed is not None, timeout)
+            self._cond.wait_for(lambda: not self._pending or (self._attempts > tried and self._failed), timeout)
+            return not self._pending
 
     def close(self) -> None:
         with self._cond:
@@ -155,6 +157,7 @@ class LiveRun:
             with self._cond:
                 if sent and batch:
                     del self._pending[:len(batch)]
+                self._attempts += bool(batch)
                 self._cond.notify_all()
                 if stop and (not self._pending or not sent):
                     return
@@ -254,11 +257,16 @@ def open_training_run(experiment: str, record: Path, run_name: str, params: dict
 
 
 def end_training_run(live: LiveRun, status: str) -> None:
-    """Training over: FINISHED (evaluate reopens it), FAILED on an error, KILLED on Ctrl-C."""
+    """Training over: FINISHED (evaluate reopens it), FAILED on an error, KILLED on Ctrl-C. A store that is
+    down now costs the status, not the training: the run is left to mark_orphans and evaluate."""
     live.close()
-    if status == "FINISHED":
-        live.client.set_tag(live.run_id, PHASE, "trained")
-    live.client.set_terminated(live.run_id, status)
+    try:
+        if status == "FINISHED":
+            live.client.set_tag(live.run_id, PHASE, "trained")
+        live.client.set_terminated(live.run_id, status)
+    except Exception as e:
+        print(f"warning: MLflow run {live.run_id} could not be set {status} ({type(e).__name__}); the next train, "
+              f"evaluate or sweep marks it", file=sys.stderr)
 
 
 def git_commit() -> str:
@@ -291,6 +299,7 @@ def log_run(experiment: str, params: dict[str, Any], metrics: dict[str, float], 
         _copy_curve(client, train_run_id, run_id, exp_id) or _log_curve(client, run_id, loss)
     for key, value in {**all_tags, **({PARENT: parent} if parent else {}), PHASE: "evaluate"}.items():
         client.set_tag(run_id, key, value)
+    _fill_curve(client, run_id, loss, int(params.get("train.log_every") or 1))
     live = LiveRun(client, run_id)
     try:
         with mlflow.start_run(run_id=run_id) as run:  # RUNNING again; FINISHED (end time now) when done
@@ -331,6 +340,18 @@ def _log_curve(client, run_id: str, loss: tuple[list, list]) -> None:
     points = [Metric("train_loss", float(v), ms, int(step)) for step, v in zip(*loss)]
     for i in range(0, len(points), 1000):
         client.log_batch(run_id, metrics=points[i:i + 1000])
+
+
+def _fill_curve(client, run_id: str, loss: tuple[list, list], every: int) -> None:
+    """Steps of the streamed curve (every `every`-th and the last) that the run lacks, from `loss`: the points
+    a tracking store that was down during training did not take."""
+    steps, values = loss
+    if not len(steps):
+        return
+    have = {m.step for m in client.get_metric_history(run_id, "train_loss")}
+    missing = [(s, v) for s, v in zip(steps, values) if (s % every == 0 or s == steps[-1]) and int(s) not in have]
+    if missing:
+        _log_curve(client, run_id, tuple(zip(*missing)))
 
 
 def _copy_curve(client, source: str | None, run_id: str, experiment_id: str) -> bool:
