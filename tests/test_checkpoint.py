@@ -82,3 +82,23 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_p
                              f"checkpoint is kept"
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_a_flipped_bit_in_the_weights_is_found_on_load(tmp_path):
+    """torch's zip reader does not check CRCs: a bit flipped inside a tensor's bytes would load as other weights.
+    The digest written with the contents finds it; an intact file and an old one without a digest load."""
+    path = tmp_path / "c.pt"
+    w = torch.ones(4096)
+    save_checkpoint({"step": 3, "w": w, "meta": {"a": [1, 2]}}, path)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\x00\x00\x80\x3f" * 512)  # inside the stored float32 ones
+    assert at > 0
+    data[at + 1001] ^= 0x04
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(damaged, weights_only=True)["w"], w)  # torch alone loads other weights
+    with pytest.raises(CheckpointError, match=r"damaged.pt is damaged: its contents do not match the sha256"):
+        load_checkpoint(damaged)
+    assert load_checkpoint(path)["step"] == 3 and "digest" not in load_checkpoint(path)
+    torch.save({"format": "ddpm_core.checkpoint", "version": 1, "step": 4}, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["step"] == 4
