@@ -109,13 +109,7 @@ def test_a_full_disk_at_a_checkpoint_stops_train_in_one_line_and_the_next_train_
     from pipeline import paths
     from pipeline.__main__ import main
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DDPM_PROJECT_ROOT", str(tmp_path))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    tiny_project(tmp_path, monkeypatch)
     assert main(["prepare"]) == 0
     real_save, writes = torch.save, []
 
@@ -141,3 +135,67 @@ def test_a_full_disk_at_a_checkpoint_stops_train_in_one_line_and_the_next_train_
     client, again = mlflow_runs(tmp_path)
     assert [(r.info.run_id, r.info.status) for r in again] == [(runs[0].info.run_id, "FINISHED")]
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")] == list(range(1, 31))
+
+
+def tiny_project(folder, monkeypatch):
+    """params.yaml of the tiny digits configuration in `folder`, the project root and working directory."""
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("DDPM_PROJECT_ROOT", str(folder))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_a_damaged_scratch_checkpoint_is_one_line_naming_how_to_start_over(tmp_path, monkeypatch, capsys):
+    import json
+
+    from pipeline import paths
+    from pipeline.__main__ import main
+    from pipeline.params import load_params
+    from pipeline.stages import run_fingerprint
+
+    tiny_project(tmp_path, monkeypatch)
+    assert main(["prepare"]) == 0
+    name = run_fingerprint(load_params(), json.loads(paths.DATA_INFO.read_text())["sha256"])[:16]
+    scratch = paths.scratch_dir() / f"{name}.pt"
+    scratch.parent.mkdir(parents=True)
+    scratch.write_bytes(b"PK\x03\x04 half a checkpoint")
+    capsys.readouterr()
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: train: {scratch} is not a loadable ddpm_core checkpoint")
+    assert err[0].endswith(f"; to train this configuration from step 0, remove it with `python -m pipeline "
+                           f"checkpoints --remove {name}`")
+    assert not (tmp_path / "mlflow").exists()  # stopped before any run was made
+    assert main(["checkpoints", "--remove", name]) == 0 and not scratch.exists()
+
+
+@pytest.mark.slow
+def test_evaluate_fills_the_steps_a_store_outage_cost_the_curve(tmp_path, monkeypatch):
+    """Points the store did not take while training (it was down until training ended) come from the per-step
+    losses of reports/train_loss.csv when evaluate completes the run."""
+    from ddpm_core.schedules import NoiseSchedule
+    from ddpm_core.serving import save_eps_model
+    from pipeline import tracking
+
+    from helpers import TINY_MODEL, tiny_unet
+
+    monkeypatch.setenv("DDPM_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    live = tracking.open_training_run("ddpm", tmp_path / "run.json", "tiny", {"train.log_every": 2}, {})
+    for step in (2, 4):  # 6 and 8 were lost
+        live.log(step, {"train_loss": step / 10})
+    tracking.end_training_run(live, "FINISHED")
+    eps = tmp_path / "eps.pt"
+    save_eps_model(eps, tiny_unet(), NoiseSchedule.named("linear", 30),
+                   {"model": TINY_MODEL, "image_shape": [1, 8, 8], "variance": "fixed_small", "objective": "eps",
+                    "sampling": {"sampler": "ddim", "steps": 5, "eta": 0.0, "clip_x0": True, "batch_size": 4}})
+    steps = list(range(1, 10))
+    ids = tracking.log_run("ddpm", {"train.log_every": 2}, {"bpd": 1.0}, (steps, [s / 10 for s in steps]), [], eps,
+                           {"run_name": "tiny"}, None, train_run_id=live.run_id, evaluation="k")
+    client, runs = mlflow_runs(tmp_path)
+    assert ids["run_id"] == live.run_id and [r.info.status for r in runs] == ["FINISHED"]
+    curve = client.get_metric_history(live.run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in curve) == [(2, 0.2), (4, 0.4), (6, 0.6), (8, 0.8), (9, 0.9)]
