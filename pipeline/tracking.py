@@ -199,8 +199,8 @@ def mark_orphans(experiment: str) -> list:
     for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
         if OWNER in run.data.tags and not _live_owner_alive(run, now):
             beat = run.data.tags.get(HEARTBEAT)
-            end = int(float(beat) * 1000) if beat else None
-            client.set_terminated(run.info.run_id, "KILLED", end_time=max(end or 0, run.info.start_time) or None)
+            end = max(int(float(beat) * 1000), run.info.start_time) if beat else None  # None: now
+            client.set_terminated(run.info.run_id, "KILLED", end_time=end)
             orphans.append(run)
     return orphans
 
@@ -247,6 +247,7 @@ def open_training_run(experiment: str, record: Path, run_name: str, params: dict
         record.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": tracking_uri()}) + "\n")
         after = 0
     else:
+        client.set_tag(run.info.run_id, OWNER, owner.me())  # first, so no one takes it for an orphan again
         client.update_run(run.info.run_id, "RUNNING")
         if parent and run.data.tags.get(PARENT) != parent:  # rerun by another sweep: shown under that one
             client.set_tag(run.info.run_id, PARENT, parent)
@@ -464,6 +465,7 @@ def start_parent_run(experiment: str, run_name: str, params: dict[str, Any], tag
     if run is None:
         run = client.create_run(exp_id, run_name=run_name, tags={"git_commit": git_commit(), **tags})
     else:
+        client.set_tag(run.info.run_id, OWNER, owner.me())
         client.update_run(run.info.run_id, "RUNNING")
         for key, value in tags.items():
             client.set_tag(run.info.run_id, key, value)

@@ -199,3 +199,35 @@ def test_evaluate_fills_the_steps_a_store_outage_cost_the_curve(tmp_path, monkey
     assert ids["run_id"] == live.run_id and [r.info.status for r in runs] == ["FINISHED"]
     curve = client.get_metric_history(live.run_id, "train_loss")
     assert sorted((m.step, m.value) for m in curve) == [(2, 0.2), (4, 0.4), (6, 0.6), (8, 0.8), (9, 0.9)]
+
+
+def test_orphans_are_runs_whose_owner_process_is_gone(tmp_path, monkeypatch):
+    """RUNNING runs owned by a dead process on this host, or by a host whose heartbeat is 10 minutes old, are
+    marked KILLED, ending at their last heartbeat; live owners, fresh heartbeats and runs without an owner stay."""
+    import socket
+    import time
+
+    from pipeline import owner, tracking
+
+    monkeypatch.setenv("DDPM_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    here, now = socket.gethostname(), time.time()
+    owners = {"dead": (f"{here}:{dead.pid}:1", now - 30), "me": (owner.me(), now - 30),
+              "remote-stale": ("elsewhere:1:1", now - 700), "remote-fresh": ("elsewhere:1:1", now - 60), "none": None}
+    mlflow = tracking._connect("ddpm")
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("ddpm").experiment_id
+    ids = {}
+    for name, who in owners.items():
+        tags = {tracking.OWNER: who[0], tracking.HEARTBEAT: f"{who[1]:.0f}"} if who else {}
+        ids[name] = client.create_run(exp, run_name=name, tags=tags).info.run_id
+    last_beat = client.get_run(ids["dead"]).info.start_time // 1000 + 5  # it beat 5 s after it started
+    client.set_tag(ids["dead"], tracking.HEARTBEAT, str(last_beat))
+    killed = {r.info.run_name for r in tracking.mark_orphans("ddpm")}
+    assert killed == {"dead", "remote-stale"}
+    status = {name: client.get_run(i).info for name, i in ids.items()}
+    assert {n: s.status for n, s in status.items()} == {"dead": "KILLED", "me": "RUNNING", "remote-stale": "KILLED",
+                                                        "remote-fresh": "RUNNING", "none": "RUNNING"}
+    assert status["dead"].end_time == last_beat * 1000
