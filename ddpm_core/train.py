@@ -231,11 +231,14 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
 def train(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, cfg: TrainConfig,
           checkpoint_path: str | Path, device: torch.device | str = "cpu", meta: dict[str, Any] | None = None,
           on_log: Callable[[int, float, float], None] | None = None, progress: bool = True,
-          world: World = World()) -> TrainResult:
+          world: World = World(),
+          on_checkpoint: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
     """Train until cfg.steps, resuming from `checkpoint_path` when it exists; checkpoints every
-    cfg.checkpoint_every steps and at the end. `on_log(step, loss, lr)` is called every cfg.log_every steps.
+    cfg.checkpoint_every steps and at the end. `on_log(step, loss, lr)` is called every cfg.log_every steps,
+    `on_checkpoint(step, ema_model)` just before each checkpoint is written (what it records about steps up
+    to `step` is then never behind the checkpoint a resumed run starts from).
     Under torchrun (`world` of several ranks, process group initialised) every rank calls this; rank 0 alone
-    reads the checkpoint (and broadcasts it), logs, shows progress and writes.
+    reads the checkpoint (and broadcasts it), logs, shows progress, calls the hooks and writes.
     """
     trainer = Trainer(model, schedule, images, cfg, torch.device(device), meta, world)
     path, main = Path(checkpoint_path), world.is_main
@@ -263,6 +266,12 @@ def train(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, cfg: 
         if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
             state = trainer.state_dict()  # every rank: their RNG states are gathered
             if main:
-                save_checkpoint(state, path)
+                if on_checkpoint is not None:
+                    on_checkpoint(trainer.step, trainer.ema.module)
+                try:
+                    save_checkpoint(state, path)
+                except CheckpointError:  # e.g. a full disk: the error starts on a line of its own, after the bar
+                    bar.close()
+                    raise
     bar.close()
     return TrainResult(trainer.model, trainer.ema.module, np.asarray(trainer.losses), trainer.step, start)

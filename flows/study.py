@@ -30,6 +30,7 @@ from prefect import flow  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
 from flows import devices as gpus, summary  # noqa: E402
+from flows.lifecycle import FLOW_RUN_TAG, crash_flow_runs, current_flow_run  # noqa: E402
 from flows.points import NAME_RE, Point, PointResult, git  # noqa: E402
 from flows.sweep import check_sweep, log_differences, project_root_env, submit_points, threads_per_point  # noqa: E402
 from pipeline import tracking  # noqa: E402
@@ -161,10 +162,12 @@ def _run_study(root: Path, spec: Study, concurrency: int, experiment: str, devic
 
     start, points = time.perf_counter(), spec.points()
     commit = git(root, "rev-parse", "HEAD")
-    parent = earlier_parent_run(experiment, spec.name, commit) or tracking.start_parent_run(
+    crash_flow_runs(tracking.mark_orphans(experiment))  # what a killed study left running
+    parent = tracking.start_parent_run(
         experiment, f"study-{spec.name}", {"study.grids": spec.grids, "study.overrides": spec.overrides,
                                            "study.bundles": spec.bundles, "study.points": len(points)},
-        {"study": spec.name, "sweep": spec.name, "study_commit": commit})
+        {"study": spec.name, "sweep": spec.name, "study_commit": commit, FLOW_RUN_TAG: current_flow_run() or ""},
+        reuse=earlier_parent_run(experiment, spec.name, commit))
     results: list[PointResult] = []
     files: dict[str, Path] = {}
     try:

@@ -35,6 +35,7 @@ from prefect.states import Completed, Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from flows import devices as gpus, summary  # noqa: E402
+from flows.lifecycle import resumed_step, sweep_parent  # noqa: E402
 from flows.points import (  # noqa: E402
     NAME_RE, Point, PointError, PointResult, collect, combine_axes, dvc_cmd, execute, existing_exp, exp_ref, git,
     make_grid, parse_grid, parse_set, point_params_error, tool_env,
@@ -70,7 +71,9 @@ def run_point(root: Path, sweep: str, point: Point, parent_run_id: str, pool: st
             env["CUDA_VISIBLE_DEVICES"] = visible
             get_run_logger().info("%s: on CUDA_VISIBLE_DEVICES=%s", point.label, visible)
         result = execute(root, point, sweep, log, tool_env(env))
-    get_run_logger().info("%s: %s%s", point.label, "reused existing experiment " if result.cached else "",
+    resumed = resumed_step(log) if not result.cached else None
+    get_run_logger().info("%s: %s%s%s", point.label, "reused existing experiment " if result.cached else "",
+                          f"training resumed from step {resumed}; " if resumed else "",
                           {k: round(v, 4) for k, v in result.metrics.items()})
     return result
 
@@ -219,11 +222,11 @@ def project_root_env(root: Path):
 
 def _run_sweep(root, name, axes, overrides, concurrency, deployment, grid, experiment, reference, devices=None):
     start = time.perf_counter()
-    parent = tracking.start_parent_run(
+    parent = sweep_parent(  # a rerun of a killed sweep ends what it left running and reports under its parent
         experiment, f"sweep-{name}", {"sweep.grid": axes, "sweep.overrides": overrides,
                                       "sweep.concurrency": concurrency, "sweep.reference": reference or "first",
                                       "sweep.devices": devices or "none"},
-        {"sweep": name, "sweep_deployment": deployment or ""})
+        {"sweep": name, "sweep_deployment": deployment or ""}, git(root, "rev-parse", "HEAD"))
     results: list[PointResult] = []
     try:
         results = submit_points(root, name, grid, parent, concurrency, deployment, devices)

@@ -1,4 +1,5 @@
-"""`python -m pipeline STAGE`: check | prepare | featurizer | train | sample | figures | evaluate.
+"""`python -m pipeline STAGE`: check | prepare | featurizer | train | sample | figures | evaluate;
+`python -m pipeline checkpoints`: the scratch checkpoints of killed trainings (pipeline/checkpoints.py).
 
 Every stage validates params.yaml first; an expected failure prints one line and exits with status 2.
 """
@@ -13,11 +14,16 @@ STAGES = ("check", "prepare", "featurizer", "train", "sample", "figures", "evalu
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] not in STAGES:
-        print(f"usage: python -m pipeline {{{'|'.join(STAGES)}}}", file=sys.stderr)
-        return 2
     for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true")):
         os.environ.setdefault(key, value)
+    if argv[:1] == ["checkpoints"]:
+        from .checkpoints import main as checkpoints
+
+        return checkpoints(argv[1:])
+    if len(argv) != 1 or argv[0] not in STAGES:
+        print(f"usage: python -m pipeline {{{'|'.join(STAGES)}}} | checkpoints [--remove NAME ... | --remove-all]",
+              file=sys.stderr)
+        return 2
     from ddpm_core.checkpoint import CheckpointError
     from ddpm_core.compute import ComputeError
     from ddpm_core.data import DataError

@@ -113,6 +113,7 @@ class Train(Section):
     precision: choice(PRECISIONS)
     compile: FLAG
     checkpoint_every: COUNT
+    log_every: COUNT
     threads: SEED
     loss: choice(LOSSES)
     t_sampler: choice(T_SAMPLERS)

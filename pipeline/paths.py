@@ -11,7 +11,7 @@ DATA = BUILD / "data.npz"                   # prepare: uint8 images and labels, 
 DATA_INFO = BUILD / "data.json"             # prepare: sha256 of the arrays, shapes, source
 FEATURIZER = BUILD / "featurizer.pt"        # featurizer: the FID-proxy classifier
 FEATURIZER_INFO = BUILD / "featurizer.json"
-TRAIN_STATE = BUILD / "train_state"         # train: scratch checkpoints, by config fingerprint (not a DVC out)
+TRAIN_STATE = BUILD / "train_state"         # train: scratch checkpoints under the project root (scratch_dir)
 MODEL = BUILD / "model.pt"                  # train: the final checkpoint (model + EMA + config)
 SAMPLES = BUILD / "samples.npz"             # sample: uint8 samples
 FID_FEATURES = BUILD / "fid_features.npz"   # evaluate: featurizer features of samples, test and train images
@@ -48,3 +48,9 @@ def project_root(cwd: Path | None = None) -> Path:
         if parts[i:i + 4] == (".dvc", "tmp", "exps", parts[i + 3]) and i > 0:
             return Path(*parts[:i])
     return cwd
+
+
+def scratch_dir() -> Path:
+    """Where train keeps its resumable checkpoints, by configuration fingerprint (not a DVC output): under the
+    project root, so a DVC temporary copy, a retried Prefect task and a rerun sweep all find the same one."""
+    return project_root() / TRAIN_STATE

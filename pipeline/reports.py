@@ -11,6 +11,12 @@ import numpy as np
 
 def save_grid(images: np.ndarray, path: Path, ncols: int = 8, scale: int = 3, pad: int = 2) -> None:
     """uint8 [N, C, H, W] -> one PNG grid (nearest-neighbour upscaled so 28x28 items are visible)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(images, ncols, scale, pad).save(path)
+
+
+def grid_image(images: np.ndarray, ncols: int = 8, scale: int = 3, pad: int = 2):
+    """uint8 [N, C, H, W] -> a PIL image of the grid (see save_grid)."""
     from PIL import Image
 
     n, c, h, w = images.shape
@@ -20,9 +26,7 @@ def save_grid(images: np.ndarray, path: Path, ncols: int = 8, scale: int = 3, pa
         r, col = divmod(i, ncols)
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
     grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
-    mode_img = grid[0] if c == 1 else grid.transpose(1, 2, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mode_img).save(path)
+    return Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ddpm_core import compute, distributed
-from ddpm_core.checkpoint import load_checkpoint
+from ddpm_core.checkpoint import CheckpointError, load_checkpoint
 from ddpm_core.data import DataError, ImageData, from_model_range, load_dataset, to_model_range
 from ddpm_core.diffusion import output_channels
 from ddpm_core.elbo_mc import BoundEstimate, estimate_bound
@@ -26,14 +26,15 @@ from ddpm_core.inception import find_weights, inception_featurize
 from ddpm_core.sampling import sample as draw_samples
 from ddpm_core.schedules import NoiseSchedule
 from ddpm_core.serving import save_eps_model
-from ddpm_core.train import TrainConfig, train as run_training
+from ddpm_core.train import TrainConfig, TrainResult, train as run_training
 from ddpm_core.unet import build_unet
 
-from . import paths, reports, tracking
+from . import paths, reports, scratch, tracking
 from .params import Params, bound_design, library_config, sample_steps
 
 # devices: a checkpoint of N ranks is found by a run of another N, and refused in one line (train.ResumeError)
-RESUME_IGNORES = ("steps", "checkpoint_every", "threads", "device", "devices")
+RESUME_IGNORES = ("steps", "checkpoint_every", "threads", "device", "devices", "log_every")
+TRAIN_SECTIONS = ("diffusion", "model", "train")  # the params a training run has from its start
 
 
 class LaunchError(RuntimeError):
@@ -161,7 +162,7 @@ def train(p: Params) -> None:
 
 def train_ranks(p: Params, c: compute.Compute) -> None:
     """The train stage in this process, one rank of train.devices; rank 0 alone writes build/model.pt and the
-    loss curve (and talks to MLflow)."""
+    loss curve, and talks to MLflow."""
     set_threads(p)
     if c.world.is_main:
         tracking.check_reachable()  # an unreachable server must not cost a finished training run
@@ -169,31 +170,104 @@ def train_ranks(p: Params, c: compute.Compute) -> None:
     meta = {"model": p.model.model_dump(), "diffusion": p.diffusion.model_dump(), "dataset": data.name,
             "data_sha256": data.checksum(), "image_shape": list(data.image_shape), "compute": c.describe()}
     meta["fingerprint"] = run_fingerprint(p, meta["data_sha256"])
-    # Scratch checkpoint of this exact configuration: a killed run resumes from it, a finished one removes it.
-    state = paths.TRAIN_STATE / f"{meta['fingerprint'][:16]}.pt"
+    if not c.world.is_main:  # rank 0 reads the checkpoint and broadcasts it; this rank only trains its slice
+        run_network(p, meta, data, c, paths.TRAIN_STATE / "unused-by-other-ranks.pt")
+        return
+    # Scratch checkpoint of this exact configuration under the project root: a killed run resumes from it
+    # wherever it runs again, a finished one removes it (pipeline/scratch.py).
+    with scratch.claim(meta["fingerprint"]) as state:
+        if not state.shared:
+            print("train: another process is training this configuration; this one trains on its own from step 0")
+        result, run_id = train_tracked(p, meta, data, state, c)
+        tmp = paths.MODEL.with_name(paths.MODEL.name + ".tmp")
+        shutil.copyfile(state.checkpoint, tmp)
+        tmp.replace(paths.MODEL)
+        state.remove()
+    print(f"train: {c.summary()}")
+    if result.resumed_from:
+        print(f"train: resumed from step {result.resumed_from}")
+    reports.write_csv(paths.TRAIN_CURVE, ["step", "loss"],
+                      [(i + 1, f"{v:.6g}") for i, v in enumerate(result.losses.tolist())])
+    print(f"train: {result.step} steps; MLflow run {run_id}")
+
+
+def run_network(p: Params, meta: dict[str, Any], data: ImageData, c: compute.Compute, checkpoint: Path,
+                **hooks: Any) -> TrainResult:
+    """The network built from train.seed and trained (or resumed from `checkpoint`) on this rank."""
     torch.manual_seed(p.train.seed)
     channels = data.image_shape[0]
     net = build_unet(meta["model"], channels, data.image_shape[1], output_channels(channels, p.diffusion.variance))
     schedule = NoiseSchedule.named(p.diffusion.schedule, p.diffusion.T)
-    result = run_training(net, schedule, torch.from_numpy(data.train_images), train_config(p, c), state, c.device,
-                          meta, world=c.world)
-    if not c.world.is_main:
-        return
-    print(f"train: {c.summary()}")
-    if result.resumed_from:
-        print(f"train: resumed from step {result.resumed_from}")
-    tmp = paths.MODEL.with_name(paths.MODEL.name + ".tmp")
-    shutil.copyfile(state, tmp)
-    tmp.replace(paths.MODEL)
-    state.unlink()
-    reports.write_csv(paths.TRAIN_CURVE, ["step", "loss"],
-                      [(i + 1, f"{v:.6g}") for i, v in enumerate(result.losses.tolist())])
+    return run_training(net, schedule, torch.from_numpy(data.train_images), train_config(p, c), checkpoint,
+                        c.device, meta, world=c.world, **hooks)
+
+
+def train_tracked(p: Params, meta: dict[str, Any], data: ImageData, state: scratch.Scratch,
+                  c: compute.Compute) -> tuple[TrainResult, str]:
+    """The training, live in its MLflow run from the first step: train_loss and lr every train.log_every steps,
+    a sample grid at each checkpoint. A resumed training continues its run and its curve."""
+    if state.checkpoint.exists():
+        with checkpoint_named(state):
+            load_checkpoint(state.checkpoint)
+    d = p.diffusion
+    live = tracking.open_training_run(p.mlflow.experiment, state.record, f"{data.name}-{d.schedule}-T{d.T}",
+                                      {k: v for k, v in p.flat().items() if k.split(".")[0] in TRAIN_SECTIONS},
+                                      {"data_sha256": meta["data_sha256"], "dataset": data.name})
+    meta["mlflow_run_id"] = live.run_id  # evaluate completes this run (see README, "MLflow")
+    schedule = NoiseSchedule.named(d.schedule, d.T)
+    status = "FAILED"
+    try:
+        result = run_network(p, meta, data, c, state.checkpoint,
+                             on_log=lambda step, loss, lr: live.log(step, {"train_loss": loss, "lr": lr}),
+                             on_checkpoint=checkpoint_grid(p, live, schedule, tuple(data.image_shape), c.device))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_training_run(live, status)
+    return result, live.run_id
+
+
+@contextlib.contextmanager
+def checkpoint_named(state: scratch.Scratch):
+    """A scratch checkpoint that does not load, as one line saying how to start over."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; to train this configuration from step 0, remove it with `python -m pipeline "
+                              f"checkpoints --remove {state.checkpoint.stem}`") from None
+
+
+GRID_N, GRID_STEPS = 16, 10  # the sample grid at each checkpoint: DDIM-10 of 16 seeds (measured: README, MLflow)
+
+
+def checkpoint_grid(p: Params, live: tracking.LiveRun, schedule: NoiseSchedule, shape: tuple[int, int, int],
+                    device: torch.device):
+    """on_checkpoint: send the queued curve, then a grid of the EMA model's samples as the run's `samples`
+    image at that step (seeds 0..15, so grids of one run compare across steps)."""
+
+    def log(step: int, ema: torch.nn.Module) -> None:
+        live.flush()
+        if step <= live.after_step:
+            return  # the run has this step's grid from before the kill
+        was_training = ema.training
+        ema.eval()
+        x = draw_samples(ema, schedule, GRID_N, shape, 0, "ddim", min(GRID_STEPS, schedule.T), 0.0, GRID_N,
+                         p.diffusion.variance, p.diffusion.objective, True, device, progress=False)
+        ema.train(was_training)
+        tracking.log_image(live, reports.grid_image(from_model_range(x).numpy()), "samples", step)
+
+    return log
 
 
 def load_ema_model(device: torch.device, path: Path = paths.MODEL) -> tuple[torch.nn.Module, dict[str, Any],
                                                                           NoiseSchedule]:
     """The EMA network of train's checkpoint (build/model.pt, or another run's copy), its meta and schedule."""
-    ckpt = load_checkpoint(path, map_location=device)
+    try:
+        ckpt = load_checkpoint(path, map_location=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; run `dvc repro` (DVC restores {path} from its cache or trains it again)") from None
     meta = ckpt["meta"]
     shape = meta["image_shape"]
     width = output_channels(shape[0], meta["diffusion"]["variance"])  # 2C for a learned variance
@@ -311,8 +385,9 @@ def what_ran(meta: dict[str, Any], sample_stats: dict[str, Any]) -> dict[str, An
 def log_to_mlflow(p: Params, net: torch.nn.Module, schedule: NoiseSchedule, meta: dict[str, Any],
                   metrics: dict[str, Any], losses: dict[str, np.ndarray],
                   ran: dict[str, Any] | None = None) -> dict[str, str]:
-    """The MLflow run, with the generator registered as ddpm-<dataset> (its description and tags say what it is;
-    `ran`, how it was trained and sampled, becomes tags of the run and the version)."""
+    """The training run completed (or a new run, see tracking.log_run), with the generator registered as
+    ddpm-<dataset> (its description and tags say what it is; `ran`, how it was trained and sampled, becomes tags
+    of the run and the version)."""
     d = p.diffusion
     tags = {"data_sha256": meta["data_sha256"], "dataset": meta["dataset"],
             "run_name": f"{meta['dataset']}-{d.schedule}-T{d.T}",
@@ -329,7 +404,13 @@ def log_to_mlflow(p: Params, net: torch.nn.Module, schedule: NoiseSchedule, meta
             [paths.SAMPLE_GRID, paths.LOSS_PLOT, paths.BPD_PLOT, paths.BPD_PER_T, paths.BPD_PER_IMAGE, paths.SUMMARY,
              paths.TRAIN_CURVE, *paths.FIGURE_FILES],
             eps_file, tags, f"ddpm-{meta['dataset'].replace('_', '-')}" if p.mlflow.register_model else None,
-            description=model_description(p, meta, metrics), model_tags=model_tags)
+            description=model_description(p, meta, metrics), model_tags=model_tags,
+            train_run_id=meta.get("mlflow_run_id"), evaluation=evaluation_key(p))
+
+
+def evaluation_key(p: Params) -> str:
+    """Which evaluation completes a training run: the first one, or a rerun of it with the same params."""
+    return hashlib.sha256(json.dumps(p.flat(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def sampling_defaults(p: Params, T: int) -> dict[str, Any]:

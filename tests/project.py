@@ -15,7 +15,7 @@ TINY = {
     "data": {"dataset": "digits"},
     "diffusion": {"T": 50},
     "model": {"channels": 16, "channel_mults": [1, 2], "attention_resolutions": [4]},
-    "train": {"steps": 30, "batch_size": 32, "checkpoint_every": 10, "threads": 1},
+    "train": {"steps": 30, "batch_size": 32, "checkpoint_every": 10, "log_every": 1, "threads": 1},
     "featurizer": {"epochs": 1},
     "sample": {"n": 40, "steps": 10, "batch_size": 40},
     "evaluate": {"bpd_passes": 600, "bpd_exact_t": 4, "bpd_draws": 6, "n_fid": 40, "chunk_size": 100},

@@ -158,7 +158,7 @@ def test_training_runs_l_simple_with_uniform_t_under_the_defaults():
     x0, t, noise, weights = trainer.batch()
     g = torch.Generator().manual_seed(cfg.seed + 1)
     assert weights is None and torch.equal(t, torch.randint(s.T, (8,), generator=g))
-    assert torch.equal(trainer.loss(x0, t, noise, weights), l_simple(trainer.model, s, x0, t, noise).mean())
+    assert torch.equal(trainer.loss(x0, t, noise, weights)[0], l_simple(trainer.model, s, x0, t, noise).mean())
 
 
 # --- section 10: learned variances ---------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def test_before_warm_up_training_is_uniform_and_after_it_the_vlb_loss_is_section
     per_example = training_losses(trainer.model, s, x0, t, noise, "eps", "learned_range", "vlb")
     vb = vb_terms_bpd(trainer.model, s, x0, d.q_sample(s, x0, t, noise), t, "learned_range")
     torch.testing.assert_close(per_example.double() * weights, vb.double() / p[t], rtol=1e-5, atol=0)
-    torch.testing.assert_close(trainer.loss(x0, t, noise, weights), (per_example * weights.float()).mean(),
+    torch.testing.assert_close(trainer.loss(x0, t, noise, weights)[0], (per_example * weights.float()).mean(),
                                rtol=1e-6, atol=0)
 
 

@@ -14,7 +14,8 @@ from project import ROOT, make_project, mlflow_runs, run
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     folder = make_project(tmp_path_factory.mktemp("project"))
-    run("dvc repro", folder)
+    out = run("dvc repro", folder)
+    (folder / "repro.log").write_text(out.stdout + out.stderr)
     return folder
 
 
@@ -114,6 +115,17 @@ def test_the_registered_model_generates_with_the_trained_ema_weights(project, mo
     images = mlflow.pyfunc.load_model(f"models:/ddpm-digits/{v.version}").predict(pd.DataFrame({"seed": [5, 6]}))
     expected = [from_model_range(sample(net, schedule, 1, (1, 8, 8), s, "ddim", 10, progress=False)) for s in (5, 6)]
     assert images.dtype == np.uint8 and np.array_equal(images, torch.cat(expected).numpy())
+
+
+@pytest.mark.slow
+def test_the_experiment_opens_on_its_runs_and_the_repro_prints_no_mlflow_warning(project):
+    client, runs = mlflow_runs(project)
+    assert client.get_experiment_by_name("ddpm").tags["mlflow.experimentKind"] == "custom_model_development"
+    r = runs[0]  # one run from the first training step to evaluate
+    loss = client.get_metric_history(r.info.run_id, "train_loss")
+    assert r.info.start_time <= min(m.timestamp for m in loss) and r.info.end_time >= max(m.timestamp for m in loss)
+    log = (project / "repro.log").read_text()
+    assert "Warning" not in log and "WARNING" not in log, [ln for ln in log.splitlines() if "arning" in ln]
 
 
 @pytest.mark.slow

@@ -218,3 +218,109 @@ def test_mlflow_models_serve_answers_with_images(store, tmp_path):
             proc.kill()
             proc.wait(30)
         log.close()
+
+
+def test_an_oversize_request_is_refused_before_sampling(store, monkeypatch):
+    """rows x steps above the limit: refused at once, in one line naming the limit and how to split."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("DDPM_SERVE_MAX_EVALS", "100")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    start = time.perf_counter()
+    with pytest.raises(MlflowException) as err:
+        model.predict(pd.DataFrame({"seed": list(range(30))}), params={"steps": 5})
+    assert time.perf_counter() - start < 1.0
+    assert str(err.value.message) == ("30 rows x 5 steps = 150 network evaluations is above this server's limit of "
+                                      "100 per request (DDPM_SERVE_MAX_EVALS); split it into requests of at most "
+                                      "20 rows at 5 steps")
+    assert model.predict(pd.DataFrame({"seed": list(range(20))}), params={"steps": 5}).shape == (20, 1, 8, 8)
+
+
+def start_server(cmd: list[str], folder: Path, extra_env: dict[str, str] | None = None):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DO_NOT_TRACK": "true", "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+           **(extra_env or {})}
+    log = open(folder / "serve.log", "w")
+    proc = subprocess.Popen([*cmd, "-p", str(port)], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    end = time.time() + 180
+    while True:
+        assert proc.poll() is None, (folder / "serve.log").read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                if r.status == 200:
+                    return proc, f"http://127.0.0.1:{port}/invocations", log
+        except OSError:
+            pass
+        assert time.time() < end, (folder / "serve.log").read_text()[-3000:]
+        time.sleep(1)
+
+
+def stop_server(proc, log) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+    log.close()
+
+
+def post_raw(url: str, data: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+BAD_REQUESTS = [  # (body, the one line that comes back)
+    (b'{"inputs": {"seed": [1]', r"the body is not JSON \(Expecting ',' delimiter at line 1 column 24\)"),
+    (b'[1, 2]', r"the body must be a JSON object"),
+    (b'{"inputs": {"seeds": [1]}}', r"input must have a `seed` column: one row per image"),
+    (b'{"dataframe_split": {"columns": ["x"], "data": [[1]]}}', r"input must have a `seed` column"),
+    (b'{"inputs": {"seed": [-1]}}', r"seed must be an integer in \[0, 4294967296\)"),
+    (b'{"inputs": {"seed": [4294967296]}}', r"seed must be an integer in \[0, 4294967296\)"),
+    (b'{"dataframe_split": {"columns": ["seed"], "data": [[1.5]]}}', r"seed must be an integer"),
+    (b'{"inputs": {"seed": [1]}, "params": {"temperature": 1}}',
+     r"unknown param 'temperature': the params are sampler, steps, eta, clip_x0"),
+    (b'{"inputs": {"seed": [1]}, "params": {"steps": "ten"}}', r"steps = 'ten': must be an integer in \[2, T = 20\]"),
+    (b'{"inputs": {"seed": [1]}, "params": {"steps": 2.5}}', r"steps = 2.5: must be an integer"),
+    (b'{"inputs": {"seed": [1]}, "params": {"clip_x0": "yes"}}', r"clip_x0 = 'yes': must be true or false"),
+    (b'{"inputs": {"seed": [1]}, "params": {"eta": true}}', r"eta = True: must be a finite number >= 0"),
+    (b'{"inputs": {"seed": [1]}, "params": [1]}', r"params must be a JSON object"),
+    (b'{"inputs": {"seed": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]}, '
+     b'"params": {"steps": 5}}', r"21 rows x 5 steps = 105 network evaluations is above this server's limit of 100 "
+                                 r"per request \(DDPM_SERVE_MAX_EVALS\); split it into requests of at most 20 rows"),
+]
+
+
+@pytest.mark.slow
+def test_the_gated_server_refuses_bad_requests_in_one_line_and_serves_concurrent_clients(store, tmp_path):
+    """`python -m pipeline.serve`: each malformed request is HTTP 400 with one line, an oversize one at once;
+    8 clients at once get the images the library draws for their seeds, as they would one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+    import re
+
+    proc, url, log = start_server([sys.executable, "-m", "pipeline.serve", "-m", f"models:/{NAME}/1"], tmp_path,
+                                  {"DDPM_SERVE_MAX_EVALS": "100", "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        for body, message in BAD_REQUESTS:
+            start = time.perf_counter()
+            status, answer = post_raw(url, body)
+            assert status == 400 and answer["error_code"] == "BAD_REQUEST", (body, answer)
+            assert "\n" not in answer["message"] and re.match(message, answer["message"]), (body, answer)
+            assert time.perf_counter() - start < 10
+        requests = [[8 * i + j for j in range(3)] for i in range(8)]
+        expected = [library_images(0, seeds) for seeds in requests]
+        one_at_a_time = [post(url, {"inputs": {"seed": seeds}}) for seeds in requests]
+        with ThreadPoolExecutor(8) as pool:
+            at_once = list(pool.map(lambda seeds: post(url, {"inputs": {"seed": seeds}}), requests))
+        for (s1, b1), (s2, b2), want in zip(one_at_a_time, at_once, expected):
+            assert s1 == s2 == 200
+            assert np.array_equal(np.asarray(b1["predictions"], dtype=np.uint8), want)
+            assert np.array_equal(np.asarray(b2["predictions"], dtype=np.uint8), want)
+    finally:
+        stop_server(proc, log)
