@@ -11,8 +11,6 @@ and points that differ only in sampling keys train once. Results go to reports/s
 The MLflow parent run `study-NAME` has a child run per point; the Prefect flow run carries the summary.
 """
 
-from __future__ import annotations
-
 import argparse
 import dataclasses
 from dataclasses import dataclass
@@ -31,7 +29,9 @@ from prefect.states import Completed, Failed  # noqa: E402
 
 from flows import summary  # noqa: E402
 from flows.points import NAME_RE, Point, PointResult, git  # noqa: E402
-from flows.sweep import check_sweep, log_differences, project_root_env, submit_points, threads_per_point  # noqa: E402
+from flows.sweep import (  # noqa: E402
+    check_sweep, log_differences, project_root_env, refused, submit_points, threads_per_point,
+)
 from pipeline import tracking  # noqa: E402
 from pipeline.params import ParamsError, load_params  # noqa: E402
 
@@ -144,11 +144,14 @@ def study(path: str, gpu: bool = False, concurrency: int = 1, project: str | Non
     """Run the study a grid file describes (see flows/studies/), or reuse its finished points, and write its
     summary, contrasts, plots and sample sheets to reports/studies/NAME/. gpu: the file's larger gpu_budget."""
     root = Path(project or ".").resolve()
-    spec = load_study(root / path if not Path(path).is_absolute() else Path(path), gpu)
-    check_sweep(root, spec.name, concurrency, None)
+    try:
+        spec = load_study(root / path if not Path(path).is_absolute() else Path(path), gpu)
+        check_sweep(root, spec.name, concurrency, None)
+        experiment = load_params(root / "params.yaml").mlflow.experiment
+    except ParamsError as e:
+        return refused("study", e)
     if concurrency > 1 and "train.threads" not in spec.overrides:
         spec = dataclasses.replace(spec, overrides={**spec.overrides, "train.threads": threads_per_point(concurrency)})
-    experiment = load_params(root / "params.yaml").mlflow.experiment
     with project_root_env(root):
         return _run_study(root, spec, concurrency, experiment)
 

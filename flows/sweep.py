@@ -15,8 +15,6 @@ experiment is restorable with `dvc exp apply`, its evaluate stage logs one MLflo
 parent run, and the summary goes to reports/sweeps/NAME/ and to the flow run's Prefect artifacts.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import os
@@ -173,15 +171,26 @@ def sweep(name: str, schedules: list[Schedule] | None = None, T: list[int] | Non
     this deployment of `ddpm-sweep-point`. project: the project's folder (default: the current directory).
     """
     root = Path(project or ".").resolve()
-    overrides = typed_overrides(overrides or {}).flat()
-    check_sweep(root, name, concurrency, deployment)
-    axes = combine_axes(schedules, T, grid, seeds)
-    if concurrency > 1 and "train.threads" not in overrides and "train.threads" not in axes:
-        overrides["train.threads"] = threads_per_point(concurrency)
-    points = make_grid(axes, overrides)
-    experiment = load_params(root / "params.yaml").mlflow.experiment
+    try:
+        overrides = typed_overrides(overrides or {}).flat()
+        check_sweep(root, name, concurrency, deployment)
+        axes = combine_axes(schedules, T, grid, seeds)
+        if concurrency > 1 and "train.threads" not in overrides and "train.threads" not in axes:
+            overrides["train.threads"] = threads_per_point(concurrency)
+        points = make_grid(axes, overrides)
+        experiment = load_params(root / "params.yaml").mlflow.experiment
+    except ParamsError as e:
+        return refused("sweep", e)
     with project_root_env(root):
         return _run_sweep(root, name, axes, overrides, concurrency, deployment, points, experiment, reference)
+
+
+def refused(what: str, error: ParamsError):
+    """A run whose parameters cannot work ends Failed with one line saying why, no traceback (the UI shows it as
+    the run's state message; the served process logs it)."""
+    message = f"error: {what}: {error}; edit the parameters and run again"
+    get_run_logger().error(message)
+    return Failed(message=message)
 
 
 @contextlib.contextmanager
