@@ -11,8 +11,6 @@ and points that differ only in sampling keys train once. Results go to reports/s
 The MLflow parent run `study-NAME` has a child run per point; the Prefect flow run carries the summary.
 """
 
-from __future__ import annotations
-
 import argparse
 import dataclasses
 from dataclasses import dataclass
@@ -32,7 +30,9 @@ from prefect.states import Completed, Failed  # noqa: E402
 from flows import devices as gpus, summary  # noqa: E402
 from flows.lifecycle import FLOW_RUN_TAG, crash_flow_runs, current_flow_run  # noqa: E402
 from flows.points import NAME_RE, Point, PointResult, git  # noqa: E402
-from flows.sweep import check_sweep, log_differences, project_root_env, submit_points, threads_per_point  # noqa: E402
+from flows.sweep import (  # noqa: E402
+    check_sweep, log_differences, project_root_env, refused, submit_points, threads_per_point,
+)
 from pipeline import tracking  # noqa: E402
 from pipeline.params import ParamsError, load_params  # noqa: E402
 
@@ -147,12 +147,15 @@ def study(path: str, gpu: bool = False, concurrency: int = 1, project: str | Non
     summary, contrasts, plots and sample sheets to reports/studies/NAME/. gpu: the file's larger gpu_budget.
     devices: GPU numbers; up to that many points at once, each with its own CUDA_VISIBLE_DEVICES."""
     root = Path(project or ".").resolve()
-    spec = load_study(root / path if not Path(path).is_absolute() else Path(path), gpu)
-    check_sweep(root, spec.name, concurrency, None, devices)
+    try:
+        spec = load_study(root / path if not Path(path).is_absolute() else Path(path), gpu)
+        check_sweep(root, spec.name, concurrency, None, devices)
+        experiment = load_params(root / "params.yaml").mlflow.experiment
+    except ParamsError as e:
+        return refused("study", e)
     at_once = len(devices) if devices else concurrency
     if at_once > 1 and "train.threads" not in spec.overrides:
         spec = dataclasses.replace(spec, overrides={**spec.overrides, "train.threads": threads_per_point(at_once)})
-    experiment = load_params(root / "params.yaml").mlflow.experiment
     with project_root_env(root):
         return _run_study(root, spec, concurrency, experiment, devices)
 

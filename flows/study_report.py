@@ -312,7 +312,10 @@ def write_all(root: Path, spec: "Study", results: list[PointResult], out: Path) 
     frame = contrasts(spec, results)
     frame.to_csv(files["contrasts_csv"], index=False)
     files["contrasts_md"].write_text(contrasts_markdown(spec.name, frame))
-    plot_bpd_vs_T(spec, results, files["bpd_vs_T"])
+    if any("T" in dict(model_of(spec, r)) for r in ok):  # a study whose grid has no T axis has no such plot
+        plot_bpd_vs_T(spec, results, files["bpd_vs_T"])
+    else:
+        del files["bpd_vs_T"]
     plot_fid_vs_steps(spec, results, files["fid_vs_steps"])
     curves = {}
     for r in _one_point_per_model(spec, ok):

@@ -16,8 +16,6 @@ experiment is restorable with `dvc exp apply`, its evaluate stage logs one MLflo
 parent run, and the summary goes to reports/sweeps/NAME/ and to the flow run's Prefect artifacts.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import os
@@ -193,17 +191,28 @@ def sweep(name: str, schedules: list[Schedule] | None = None, T: list[int] | Non
     set to the GPUs it holds (as many as its train.devices); instead of concurrency.
     """
     root = Path(project or ".").resolve()
-    overrides = typed_overrides(overrides or {}).flat()
-    check_sweep(root, name, concurrency, deployment, devices)
-    axes = combine_axes(schedules, T, grid, seeds)
-    at_once = len(devices) if devices else concurrency
-    if at_once > 1 and "train.threads" not in overrides and "train.threads" not in axes:
-        overrides["train.threads"] = threads_per_point(at_once)
-    points = make_grid(axes, overrides)
-    experiment = load_params(root / "params.yaml").mlflow.experiment
+    try:
+        overrides = typed_overrides(overrides or {}).flat()
+        check_sweep(root, name, concurrency, deployment, devices)
+        axes = combine_axes(schedules, T, grid, seeds)
+        at_once = len(devices) if devices else concurrency
+        if at_once > 1 and "train.threads" not in overrides and "train.threads" not in axes:
+            overrides["train.threads"] = threads_per_point(at_once)
+        points = make_grid(axes, overrides)
+        experiment = load_params(root / "params.yaml").mlflow.experiment
+    except ParamsError as e:
+        return refused("sweep", e)
     with project_root_env(root):
         return _run_sweep(root, name, axes, overrides, concurrency, deployment, points, experiment, reference,
                           devices)
+
+
+def refused(what: str, error: ParamsError):
+    """A run whose parameters cannot work ends Failed with one line saying why, no traceback (the UI shows it as
+    the run's state message; the served process logs it)."""
+    message = f"error: {what}: {error}; edit the parameters and run again"
+    get_run_logger().error(message)
+    return Failed(message=message)
 
 
 @contextlib.contextmanager

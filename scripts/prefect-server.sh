@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1
 export PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT=false
-exec .venv/bin/prefect server start --host 127.0.0.1 --port "${PORT:-4200}"
+PORT=${PORT:-4200}
+export PREFECT_UI_API_URL=${PREFECT_UI_API_URL:-http://127.0.0.1:$PORT/api}   # the UI calls the API on this port
+exec .venv/bin/prefect server start --host 127.0.0.1 --port "$PORT"

@@ -379,44 +379,55 @@ def test_points_run_on_two_workers(harness, tmp_path, mlflow_server, monkeypatch
     assert not (project / "mlflow").exists()  # everything went to the server
 
 
-@pytest.mark.slow
-def test_serve_puts_the_sweep_in_the_ui_with_editable_parameters_and_a_schedule(harness, tmp_path):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
+# --- fast: what the served deployments need ------------------------------------------------------------------
+def test_served_flows_validate_their_parameters_in_a_fresh_process(tmp_path):
+    """A served deployment's runner sends the flow to a fresh process with cloudpickle, which pickles the flow's
+    function by value with only the globals its code names: string annotations (`from __future__ import
+    annotations`) then name types that process does not have, and every run fails validation before it starts."""
+    pickled = tmp_path / "flows.pkl"
+    dump = ("import cloudpickle, sys; from flows.sweep import sweep; from flows.study import study; "
+            f"open({str(pickled)!r}, 'wb').write(cloudpickle.dumps([sweep, study]))")
+    load = ("import json, pickle, sys; sweep, study = pickle.load(open(sys.argv[1], 'rb')); "
+            "s = sweep.validate_parameters(json.loads(sys.argv[2])); t = study.validate_parameters({'path': 'x.yaml'}); "
+            "print(s['schedules'], s['T'], s['overrides'].flat(), t['path'])")
+    subprocess.run([sys.executable, "-c", dump], cwd=ROOT, env=tool_env(), check=True)
+    form = {"name": "ui", "schedules": ["linear"], "T": [50], "overrides": {"train": {"steps": 10, "lr": None}}}
+    out = subprocess.run([sys.executable, "-c", load, str(pickled), json.dumps(form)], cwd=ROOT,
+                         env=tool_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == "['linear'] [50] {'train.steps': 10} x.yaml"
 
-    env = tool_env({"PREFECT_API_URL": PREFECT_API_URL.value()})
-    proc = subprocess.Popen([sys.executable, "-m", "flows.deploy", "serve", "--interval", "3600"], cwd=ROOT,
-                            env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        deployment, end = None, time.time() + 120
-        with get_client(sync_client=True) as client:
-            while deployment is None and time.time() < end:
-                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-                found = [d for d in client.read_deployments() if d.name == "ddpm-sweep"]
-                deployment = found[0] if found else time.sleep(1)
-            assert deployment is not None, (tmp_path / "serve.log").read_text()[-2000:]
-            schedules = client.read_deployment_schedules(deployment.id)
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    schema = deployment.parameter_openapi_schema
-    props = schema["properties"]
-    assert {"name", "schedules", "T", "overrides", "concurrency", "deployment", "grid", "seeds", "reference",
-            "devices"} <= set(props)
-    assert {"type": "array", "items": {"type": "integer"}} in props["devices"]["anyOf"]  # typed GPU numbers
-    # overrides: a form of params.yaml's sections and keys, each typed with its range, not a free JSON box
-    assert {"$ref": "#/definitions/Overrides"} in props["overrides"]["anyOf"]
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert set(schema["definitions"]["Overrides"]["properties"]) == set(params)
-    train = schema["definitions"]["TrainOverrides"]["properties"]
-    assert set(train) == set(params["train"]) and train["lr"]["description"] == "a number > 0"
-    assert {"type": "number", "exclusiveMinimum": 0} in train["lr"]["anyOf"]
-    assert {"type": "integer", "minimum": 1} in train["steps"]["anyOf"]
-    assert {"type": "string", "enum": ["auto", "cpu", "cuda"]} in train["device"]["anyOf"]
-    grid = json.dumps(props["grid"])  # typed: a mapping of keys to lists of params values, not a free JSON box
-    assert '"type": "array"' in grid and '"integer"' in grid and '"string"' in grid
-    assert deployment.parameters["schedules"] == ["linear", "cosine"] and deployment.parameters["T"] == [100, 1000]
-    assert [s.schedule.interval.total_seconds() for s in schedules] == [3600]
+
+@pytest.mark.parametrize("args, line", [
+    (["serve", "--parameters", '{"name": "two words"}'],
+     "error: deploy: --parameters: sweep name 'two words' is not allowed: letters, digits, '_', '.', '-' (at most 64)"),
+    (["serve", "--parameters", '{"T": [10], "schedules": ["linear"]}'],
+     "error: deploy: --parameters: the point linear, T = 10 cannot run: diffusion.T = 10 does not work with"),
+    (["serve", "--parameters", '{"overrides": {"train": {"steps": 0}}}'],
+     "error: deploy: --parameters: Flow run received invalid parameters: - overrides.train.steps: Input should be "
+     "greater than or equal to 1"),
+    (["serve", "--parameters", "[1]"], "error: deploy: --parameters must be a JSON object"),
+    (["serve"], "error: deploy: PREFECT_API_URL is not set, so there is no Prefect server to serve into: start one "
+                "with `bash scripts/prefect-server.sh`"),
+    (["workers", "--source", "x"], "error: deploy: PREFECT_API_URL is not set"),
+])
+def test_deploy_says_what_to_do_next_in_one_line(args, line):
+    env = tool_env()
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([sys.executable, "-m", "flows.deploy", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(line), out.stderr
+
+
+def test_deploy_names_an_unreachable_server():
+    port = free_port()  # nothing listens there
+    env = {**tool_env(), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    out = subprocess.run([sys.executable, "-m", "flows.deploy", "serve"], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        f"error: deploy: no Prefect server answers at http://127.0.0.1:{port}/api ([Errno 111] Connection refused): "
+        "start one with `bash scripts/prefect-server.sh` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"]
 
 
 # --- points side by side: each runs once, on its own devices --------------------------------------------

@@ -159,6 +159,13 @@ def test_plots_and_sheets_without_experiments(tmp_path, monkeypatch):
     for key in ("bpd_vs_T", "fid_vs_steps", "bpd_per_t"):
         assert files[key].read_bytes()[:8] == PNG
     assert list(csv.DictReader(files["contrasts_csv"].open()))
+    no_T = Study("s", "", {}, {}, [{"diffusion.schedule": ["linear", "cosine"], "sample.steps": [5, 10]}], {})
+    one = [PointResult({"diffusion.schedule": s, "sample.steps": k}, "ok", f"s-{s}-{k}",
+                       {**results[0].metrics, "sample_steps": k}, exp_rev="x") for s in ("linear", "cosine")
+           for k in (5, 10)]
+    (tmp_path / "no-T").mkdir()
+    files = study_report.write_all(tmp_path, no_T, one, tmp_path / "no-T")  # no T axis: no bits/dim-against-T plot
+    assert "bpd_vs_T" not in files and files["fid_vs_steps"].read_bytes()[:8] == PNG
 
 
 # --- slow: a tiny digits study through its command -------------------------------------------------------
