@@ -135,8 +135,10 @@ def check_compute(p: Params) -> None:
     sample_compute(p)
 
 
-def train_config(p: Params, c: compute.Compute) -> TrainConfig:
-    """The library's config: objective, variance, the train keys, and the precision `c` resolved."""
+def train_config(p: Params, c: compute.Compute | None = None) -> TrainConfig:
+    """The library's config: objective, variance, the train keys, and the precision `c` resolved (by default the
+    train stage's resolution on this machine)."""
+    c = c or train_compute(p)
     cfg = library_config(TrainConfig, p.diffusion, p.train.model_copy(update={"precision": "fp32"}))
     return dataclasses.replace(cfg, precision=c.precision)
 
