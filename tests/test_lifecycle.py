@@ -39,7 +39,10 @@ def killed_and_resumed(tmp_path_factory):
     seen, end = [], time.time() + 900  # (time, status, points of the curve)
     while not (any((folder / "build" / "train_state").glob("*.pt")) and len({n for _, _, n in seen if n}) >= 2):
         assert proc.poll() is None and time.time() < end, (folder / "killed.log").read_text()[-3000:]
-        client, runs = mlflow_runs(folder) if (folder / "mlflow" / "mlflow.db").exists() else (None, [])
+        # the run's id is written beside the checkpoint once train has created the store and the run: opening
+        # the store before that would run MLflow's schema migrations alongside train's
+        ready = any((folder / "build" / "train_state").glob("*.json"))
+        client, runs = mlflow_runs(folder) if ready else (None, [])
         if runs:
             seen.append((time.time(), runs[0].info.status, len(history(client, runs[0].info.run_id))))
         time.sleep(0.3)

@@ -285,7 +285,7 @@ BAD_REQUESTS = [  # (body, the one line that comes back)
     (b'{"inputs": {"seed": [4294967296]}}', r"seed must be an integer in \[0, 4294967296\)"),
     (b'{"dataframe_split": {"columns": ["seed"], "data": [[1.5]]}}', r"seed must be an integer"),
     (b'{"inputs": {"seed": [1]}, "params": {"temperature": 1}}',
-     r"unknown param 'temperature': the params are sampler, steps, eta, clip_x0"),
+     r"unknown param 'temperature': the params are sampler, steps, eta, order, clip_x0"),
     (b'{"inputs": {"seed": [1]}, "params": {"steps": "ten"}}', r"steps = 'ten': must be an integer in \[2, T = 20\]"),
     (b'{"inputs": {"seed": [1]}, "params": {"steps": 2.5}}', r"steps = 2.5: must be an integer"),
     (b'{"inputs": {"seed": [1]}, "params": {"clip_x0": "yes"}}', r"clip_x0 = 'yes': must be true or false"),
