@@ -7,4 +7,4 @@ export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_
 bash scripts/setup.sh
 bash scripts/get-data.sh
 bash scripts/get-browser.sh
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest --durations=30 "$@"
