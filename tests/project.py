@@ -3,8 +3,11 @@
 import os
 from pathlib import Path
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import yaml
 
@@ -54,3 +57,24 @@ def mlflow_runs(folder: Path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ddpm")
     return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path | None = None, seconds: float = 180) -> None:
+    """Until `url` answers; fails at once if the server process `proc` exits (with the end of its `log`)."""
+    tail = lambda: "\n" + log.read_text()[-3000:] if log else ""  # noqa: E731
+    end = time.time() + seconds
+    while time.time() < end:
+        assert proc.poll() is None, f"{url}: server exited with {proc.returncode}{tail()}"
+        try:
+            with urllib.request.urlopen(url, timeout=3):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer in {seconds} s{tail()}")

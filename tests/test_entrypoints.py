@@ -27,7 +27,7 @@ import yaml
 
 from flows.points import tool_env
 
-from project import ROOT, make_project, mlflow_runs, run
+from project import ROOT, free_port, make_project, mlflow_runs, run, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -59,26 +59,6 @@ def as_json_field(value):
 
 
 # --- processes ---------------------------------------------------------------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
-    end = time.time() + seconds
-    while time.time() < end:
-        assert proc.poll() is None, f"{url}: exited with {proc.returncode}\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(url, timeout=3):
-                return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{url} did not answer in {seconds} s\n{log.read_text()[-3000:]}")
-
-
 def start(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -4,11 +4,9 @@ import csv
 import json
 import re
 from pathlib import Path
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from flows.points import (
 )
 from pipeline.params import ParamsError
 
-from project import ROOT, make_project, run
+from project import ROOT, free_port, make_project, run, wait_http
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -298,24 +296,6 @@ def test_a_stage_failure_is_reported_once_with_its_reason(project, tmp_path):
     assert str(err.value) in log.read_text() and log.read_text().count("$ dvc") == 1
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url, proc, seconds=120):
-    end = time.time() + seconds
-    while time.time() < end:
-        assert proc.poll() is None, f"{url}: server exited with {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{url} did not answer in {seconds} s")
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_port()
@@ -324,7 +304,7 @@ def mlflow_server(tmp_path):
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
          str(tmp_path / "server-artifacts")], env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        wait_http(f"http://127.0.0.1:{port}/health", proc, seconds=120)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
