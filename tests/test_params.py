@@ -38,7 +38,7 @@ def test_the_shipped_params_are_valid():
     ("diffusion", "T", 10, r"diffusion.T = 10 does not work with diffusion.schedule = 'linear': .*T >= 21"),
     ("model", "channel_mults", [], r"model.channel_mults = \[\] is not allowed"),
     ("model", "dropout", 1.0, r"model.dropout = 1.0 is not allowed: must be a number in \[0, 1\)"),
-    ("sample", "steps", 5000, r"sample.steps = 5000 is not allowed: must be in \[2, diffusion.T = 1000\]"),
+    ("sample", "steps", 5000, r"sample.steps = 5000 is not allowed: must be in \[2, diffusion.T - 1 = 999 with dpm_solver\+\+\]"),
     ("sample", "sampler", "plms", r"sample.sampler = 'plms' is not allowed: must be one of ancestral, ddim"),
     ("evaluate", "n_fid", 10_000, r"evaluate.n_fid = 10000 is not allowed: must be <= sample.n"),
     ("sample", "steps", "most", r"sample.steps = 'most' is not allowed: must be an integer >= 2, or 'all'"),
@@ -103,18 +103,19 @@ def test_unknown_and_missing_keys():
 def test_cosine_accepts_small_T():
     raw = with_("diffusion", "schedule", "cosine")
     raw["diffusion"]["T"] = 10
-    raw["sample"]["steps"] = 10
+    raw["sample"]["steps"] = 9
     assert validate(raw).diffusion["T"] == 10
 
 
 def test_sample_steps_all_and_clamped():
-    raw = with_("sample", "steps", "all")
+    raw = with_("sample", "sampler", "ddim")
+    raw["sample"]["steps"] = "all"
     assert sample_steps(validate(raw).sample, 1000) == 1000
-    raw = with_("sample", "steps", 5000)
+    raw["sample"]["steps"] = 5000
     raw["sample"]["clamp_steps"] = True
     p = validate(raw)
     assert sample_steps(p.sample, 1000) == 1000 and sample_steps(p.sample, 10_000) == 5000
-    assert sample_steps(validate(DEFAULTS).sample, 1000) == 30
+    assert sample_steps(validate(DEFAULTS).sample, 1000) == 10  # dpm_solver++ 2M's 10 score as DDIM's 30
     raw = with_("sample", "sampler", "dpm_solver++")
     raw["sample"]["steps"] = "all"
     assert sample_steps(validate(raw).sample, 1000) == 999  # its grid has at most T - 1 distinct steps
@@ -243,7 +244,7 @@ MALFORMED = [
     ("section-null", text_with(extra={"featurizer": None}), r"featurizer = None must be a mapping of keys \(epochs, seed\)"),
     # rules between keys
     ("T-for-linear", combo(diffusion__T=10), r"diffusion.T = 10 does not work with diffusion.schedule = 'linear': .*T >= 21"),
-    ("steps-over-T", combo(sample__steps=5000), r"sample.steps = 5000 is not allowed: must be in \[2, diffusion.T = 1000\]"),
+    ("steps-over-T", combo(sample__sampler="ddim", sample__steps=5000), r"sample.steps = 5000 is not allowed: must be in \[2, diffusion.T = 1000\]"),
     ("bpd-budget", combo(evaluate__bpd_passes=10), r"evaluate.bpd_passes = 10 is not allowed: the importance estimator"),
     ("ancestral-eta", combo(sample__sampler="ancestral", sample__eta=0.5), r"sample.eta = 0.5 is not allowed with sample.sampler = 'ancestral'"),
     ("n-fid-over-n", combo(evaluate__n_fid=10_000), r"evaluate.n_fid = 10000 is not allowed: must be <= sample.n = 500"),
@@ -255,7 +256,7 @@ MALFORMED = [
      r"sample.eta = 1.5 is not allowed with dpm_solver\+\+: must be in \[0, 1\]"),
     ("dpm-order3-sde", combo(sample__sampler="dpm_solver++", sample__order=3, sample__eta=0.5),
      r"sample.eta = 0.5 is not allowed with sample.order = 3: the SDE variant is built for orders 1 and 2"),
-    ("ddim-order", combo(sample__order=3), r"sample.order = 3 is not allowed with sample.sampler = 'ddim': order is a dpm_solver\+\+ setting"),
+    ("ddim-order", combo(sample__sampler="ddim", sample__order=3), r"sample.order = 3 is not allowed with sample.sampler = 'ddim': order is a dpm_solver\+\+ setting"),
     ("dpm-steps-T", combo(sample__sampler="dpm_solver++", sample__steps=1000),
      r"sample.steps = 1000 is not allowed: must be in \[2, diffusion.T - 1 = 999 with dpm_solver\+\+\]"),
     ("precision-fp16", combo(train__precision="fp16"), r"train.precision = 'fp16' is not allowed: must be one of auto, fp32, bf16"),

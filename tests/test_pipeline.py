@@ -109,11 +109,11 @@ def test_the_registered_model_generates_with_the_trained_ema_weights(project, mo
     net, schedule, meta = tracking.load_eps_model(f"models:/ddpm-digits/{v.version}")
     ema = load_checkpoint(project / paths.MODEL)["ema"]
     assert all(torch.equal(w, ema[f"module.{k}"]) for k, w in net.state_dict().items())
-    assert meta["sampling"] == {"sampler": "ddim", "steps": 10, "eta": 0.0, "order": 2, "clip_x0": True,
+    assert meta["sampling"] == {"sampler": "dpm_solver++", "steps": 10, "eta": 0.0, "order": 2, "clip_x0": True,
                                 "batch_size": 40, "precision": "auto"}
     # predict: one image per seed, as the library samples with the run's settings
     images = mlflow.pyfunc.load_model(f"models:/ddpm-digits/{v.version}").predict(pd.DataFrame({"seed": [5, 6]}))
-    expected = [from_model_range(sample(net, schedule, 1, (1, 8, 8), s, "ddim", 10, progress=False)) for s in (5, 6)]
+    expected = [from_model_range(sample(net, schedule, 1, (1, 8, 8), s, "dpm_solver++", 10, progress=False)) for s in (5, 6)]
     assert images.dtype == np.uint8 and np.array_equal(images, torch.cat(expected).numpy())
 
 
