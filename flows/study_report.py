@@ -5,11 +5,16 @@ A *model* is a point without its sampling keys (sample.*): the points of one mod
 and its bits/dim (same evaluate.seed: same images and draws), and differ in the samples they draw.
 
 Contrasts (contrasts.csv, contrasts.md): a minus b, where b differs from a in one axis only; each a paired
-difference with its 95% interval (flows/analysis.py); bits/dim once per model, FID-proxy at every step count:
+difference with its 95% interval (flows/analysis.py); bits/dim (and, where evaluate kept the t = T term per
+image, bits/dim without it) once per model, FID-proxy at every sampling point. b is chosen among the values the
+axis takes where every other axis is as in a:
     T         each T minus the next smaller one
-    steps     each step count minus the largest (FID-proxy only)
-    any other axis (schedule, a bundle such as training, seed)   each value minus the grid's first value;
+    steps     each step count minus the largest of the same sampler (FID-proxy only)
+    any other sampling axis (sample.*, e.g. sample.sampler)   each value minus the first (FID-proxy only)
+    any other axis (schedule, a bundle such as training, seed, budget)   each value minus the grid's first value;
               the seed rows show how far training noise alone moves the same numbers
+With a budget axis (an axis that sets train.steps), flows/study_budget.py adds each contrast's change between
+budgets (budget_changes.csv, a section of contrasts.md) and a plot per claim against the budget.
 """
 
 from __future__ import annotations

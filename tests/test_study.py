@@ -319,14 +319,17 @@ def test_a_second_budget_writes_its_changes_and_a_plot_per_claim(tmp_path, monke
 
 
 # --- slow: a tiny digits study through its command -------------------------------------------------------
-TINY_STUDY = {
-    "name": "tiny", "budget": {"train.steps": 8, "sample.n": 24, "evaluate.n_fid": 24,
-                               "evaluate.bpd_passes": 240},
-    "fixed": {"sample.sampler": "ancestral", "sample.clamp_steps": True, "mlflow.register_model": False},
-    "bundles": BUNDLES,
-    "grids": [{"diffusion.schedule": ["linear", "cosine"], "diffusion.T": [30, 60], "training": ["ho", "improved"],
-               "sample.steps": [4, 8]}],
-    "reference": {"diffusion.schedule": "linear", "diffusion.T": 30, "training": "ho", "sample.steps": 8},
+TINY_AXES = {"budget": [8, 16], "diffusion.schedule": ["linear", "cosine"], "diffusion.T": [30],
+             "training": ["ho", "improved"]}
+TINY_STUDY = {  # two budgets x 2 schedules x 2 trainings, ancestral; DPM-Solver++ for one model per budget
+    "name": "tiny", "budget": {"sample.n": 24, "evaluate.n_fid": 24, "evaluate.bpd_passes": 240},
+    "fixed": {"sample.clamp_steps": True, "mlflow.register_model": False},
+    "bundles": {"budget": {8: {"train.steps": 8}, 16: {"train.steps": 16}}, **BUNDLES},
+    "grids": [{**TINY_AXES, "sample.sampler": ["ancestral"], "sample.steps": [4]},
+              {**TINY_AXES, "diffusion.schedule": ["linear"], "training": ["ho"], "sample.sampler": ["dpm_solver++"],
+               "sample.steps": [4]}],
+    "reference": {"budget": 16, "diffusion.schedule": "linear", "diffusion.T": 30, "training": "ho",
+                  "sample.sampler": "ancestral", "sample.steps": 4},
 }
 
 
@@ -354,33 +357,43 @@ def test_a_tiny_study_end_to_end_and_again_from_its_experiments(harness, tmp_pat
     assert main(["tiny.yaml"]) == 0
     out = project / "reports" / "studies" / "tiny"
     rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert len(rows) == 16 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 10 and all(r["status"] == "ok" for r in rows)
     assert [r["reference"] for r in rows].count("True") == 1
-    assert {(r["schedule"], r["T"], r["variance"], r["loss"], r["steps"]) for r in rows} == {
-        (s, T, v, loss, k) for s in ("linear", "cosine") for T in ("30", "60")
-        for v, loss in (("fixed_small", "simple"), ("learned_range", "hybrid")) for k in ("4", "8")}
+    ho, improved = ("fixed_small", "simple"), ("learned_range", "hybrid")
+    assert {(r["train.steps"], r["schedule"], r["variance"], r["loss"], r["sampler"]) for r in rows} == {
+        (b, s, *t, "ancestral") for b in ("8", "16") for s in ("linear", "cosine") for t in (ho, improved)} | {
+        (b, "linear", *ho, "dpm_solver++") for b in ("8", "16")}
+    for r in rows:  # the t = T term, measured by evaluate on the bound's own draws
+        assert float(r["bpd"]) - float(r["bpd_without_last_term"]) == pytest.approx(float(r["bpd_last_term"]))
+        assert float(r["bpd_last_term_ci_low"]) <= float(r["bpd_last_term"]) <= float(r["bpd_last_term_ci_high"])
     contrasts = list(csv.DictReader((out / "contrasts.csv").open()))
+    bound = ("bpd", "bpd_without_last_term", "fid_proxy")
     assert {(c["axis"], c["metric"]) for c in contrasts} == {
-        ("schedule", "bpd"), ("schedule", "fid_proxy"), ("training", "bpd"), ("training", "fid_proxy"),
-        ("T", "bpd"), ("T", "fid_proxy"), ("steps", "fid_proxy")}
+        *((a, m) for a in ("budget", "schedule", "training") for m in bound), ("sampler", "fid_proxy")}
     assert all(float(c["ci_low"]) <= float(c["diff"]) <= float(c["ci_high"]) for c in contrasts)
+    changes = list(csv.DictReader((out / "budget_changes.csv").open()))
+    assert {(c["axis"], c["metric"]) for c in changes} == {
+        *((a, m) for a in ("schedule", "training") for m in bound), ("sampler", "fid_proxy")}
+    assert {(c["budget_from"], c["budget_to"]) for c in changes} == {("8", "16")}
+    assert all(float(c["change_ci_low"]) <= float(c["change"]) <= float(c["change_ci_high"]) for c in changes)
     for name in ("summary.md", "contrasts.md"):
         assert (out / name).read_text().strip()
-    for name in ("sweep.png", "bpd_vs_T.png", "fid_vs_steps.png", "bpd_per_t.png"):
+    for name in ("sweep.png", "bpd_vs_T.png", "fid_vs_steps.png", "bpd_per_t.png", "claim_schedule_vs_budget.png",
+                 "claim_training_vs_budget.png", "claim_sampler_vs_budget.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
     assert len(list((out / "samples").glob("*.png"))) == 8  # one sheet per trained model
     # a model trains once: its two sampling points share the trained network's bits/dim exactly
     by_model = {}
     for r in rows:
-        by_model.setdefault((r["schedule"], r["T"], r["variance"]), set()).add(r["bpd"])
-    assert all(len(v) == 1 for v in by_model.values())
+        by_model.setdefault((r["train.steps"], r["schedule"], r["variance"]), set()).add(r["bpd"])
+    assert len(by_model) == 8 and all(len(v) == 1 for v in by_model.values())
     # MLflow: one parent run, a child per point; Prefect: the summary as artifacts
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ddpm")
     parents = client.search_runs([exp.experiment_id], "tags.study = 'tiny'")
     assert len(parents) == 1
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    assert len(children) == 16
+    assert len(children) == 10
     with get_client(sync_client=True) as pc:
         assert {"sweep-tiny-table", "sweep-tiny-summary"} <= {a.key for a in pc.read_artifacts()}
     # again: every point reused from its experiment, nothing recomputed, the same table
