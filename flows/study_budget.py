@@ -78,7 +78,7 @@ def by_budget(spec: "Study", pairs: list["Pair"]) -> dict[tuple, dict[Any, "Pair
 
 def changes(spec: "Study", pairs: list["Pair"]) -> pd.DataFrame:
     """One row per contrast and pair of consecutive budgets: a - b at both, the change and its interval."""
-    from .study_report import estimate
+    from .study_report import axis_of, estimate
 
     rows = []
     for (axis, metric, shared, a, b), at in by_budget(spec, pairs).items():
@@ -95,7 +95,8 @@ def changes(spec: "Study", pairs: list["Pair"]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    return frame[[c for c in frame.columns if c not in VALUE_COLUMNS] + list(VALUE_COLUMNS)]
+    names = [n for n in axis_of(spec) if n in frame.columns]  # the shared axes in grid order
+    return frame[["axis", "metric", *names, *VALUE_COLUMNS]]
 
 
 def _estimate_columns(prefix: str, est) -> dict[str, float | None]:

@@ -301,7 +301,7 @@ def test_contrasts_at_each_budget_and_their_change_between_budgets(few_reps):
     assert expected == pytest.approx((0.225 ** 2 - 0.75 ** 2) - (0.45 ** 2 - 1.5 ** 2), abs=0.3)  # the shifts
     assert fid10.change_ci_low.iloc[0] > 0 and fid10.verdict.iloc[0] == "a - b rises"
     md = study_budget.changes_markdown(SPEC_B, changes)
-    assert "## training: bpd, across budgets" in md and "| linear | improved - ho | 400 -> 1600 |" in md
+    assert "## training: bpd, across budgets" in md and "| linear | 0 | improved - ho | 400 -> 1600 |" in md
 
 
 def test_a_second_budget_writes_its_changes_and_a_plot_per_claim(tmp_path, monkeypatch, few_reps):
