@@ -9,10 +9,12 @@ training steps) its change is
     (a - b at B2) - (a - b at B1) = a2 - b2 - a1 + b1,
 
 paired as the contrasts are: bits/dim per test image over the images all four points share (the same
-evaluate.seed and bound settings: the same images and noise at both budgets), the FID-proxy by a bootstrap that
-resamples the shared reference images once for all four points (the reference is paired; the samples of four
-different networks are not). Like every interval of a study, these cover the estimator's noise for the
-trained networks as they are, not training noise: the `seed` rows show that one.
+evaluate.seed and bound settings: the same images, and the same noise in the exact terms, at both budgets; the
+drawn t follow each model's own proposal), the FID-proxy by a bootstrap that resamples the shared reference
+images once for all four points. The samples are resampled independently, although all points draw x_T from
+the same sample.seed: that correlation is left out, so there the interval is conservative. Like every interval
+of a study, these cover the estimator's noise for the trained networks as they are, not training noise: the
+`seed` rows show that one.
 """
 
 from __future__ import annotations
