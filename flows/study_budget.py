@@ -115,8 +115,8 @@ def changes_markdown(spec: "Study", frame: pd.DataFrame) -> str:
              f"Each row: the contrast a - b at two budgets ({budget_axis(spec)}, in grid values) and its change "
              "(a - b at the larger) - (a - b at the smaller), paired: bits/dim over the test images and noise "
              "all four points share; FID-proxy by a bootstrap with the shared reference images resampled once "
-             "(the four networks' samples are independent). 95% intervals of the estimator's noise, not of "
-             "training noise (see the seed rows).", ""]
+             "(the samples independently, though all share x_T seeds: conservative). 95% intervals of the "
+             "estimator's noise, not of training noise (see the seed rows).", ""]
     for (axis, metric), rows in frame.groupby(["axis", "metric"], sort=False):
         shared = [c for c in frame.columns[2:frame.columns.get_loc("a")] if c != axis and rows[c].notna().any()]
         table = rows[shared].copy()
