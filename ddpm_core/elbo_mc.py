@@ -12,7 +12,8 @@ its variance sit in the first indices, so here every image gets
 so  L_hat(x) = L_T(x) + sum_{exact i} f_i + (1/m) sum_j f_{i_j} / p_{i_j}  is unbiased for L(x) for any p > 0.
 t = T is exact because a schedule that ends on a clipped beta (cosine: beta_T = 0.999) can put most of an
 undertrained model's bound in that one term (measured: 80 of 88 bits/dim, digits, T = 50, 60 steps), which a
-proposal shaped from a pilot would rarely draw.
+proposal shaped from a pilot would rarely draw. Each image's draw of that term is kept (`last_term`), so
+the bound without it, per_image - last_term, is unbiased per image and pairs across models as the bound does.
 p is log-uniform (p_i ~ 1/(i+1)) for a pilot fraction of the images, then proportional to the root mean
 square of the pilot's terms in geometric bins of t (the variance-minimising shape), mixed with 10% of the
 log-uniform one so that no weight can explode. The proposal depends only on pilot images, so the per-image
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .diffusion import EpsModel, Objective, Variance, q_sample
 from .elbo import check_x0, prior_bpd, vb_terms_bpd
-from .stats import Estimate, grouped_mean_estimate
+from .stats import Estimate, grouped_mean_estimate, mean_estimate
 
 DEFENSIVE = 0.1  # share of the log-uniform proposal kept in the pilot-shaped one
 SEED_STRIDE = 1_000_003
@@ -86,6 +87,24 @@ class BoundEstimate:
     terms_bpd: np.ndarray     # [T] mean term per index: exact below exact_t and at T, per geometric bin between
     network_passes: int
     design: BoundDesign
+    last_term: np.ndarray     # [n] each image's exact t = T term L_{T-1}, bits/dim: the draw inside per_image
+
+    def groups(self, values: np.ndarray) -> list[np.ndarray]:
+        """Per-image values split by phase: the independent groups of grouped_mean_estimate."""
+        return [values[self.phase == ph] for ph in np.unique(self.phase)]
+
+    def without_last_term(self) -> Estimate:
+        """The bound less its t = T term, over the same images and draws (per_image - last_term, unbiased
+        per image), with its interval as the total's."""
+        rest = self.per_image - self.last_term
+        if len(rest) < 2:
+            return Estimate(float(rest[0]), np.nan, np.nan, np.nan, 1)
+        return grouped_mean_estimate(self.groups(rest))
+
+    def last_term_estimate(self) -> Estimate:
+        """The t = T term's mean over the images, with its interval (one exact draw per image, i.i.d.)."""
+        last = self.last_term
+        return mean_estimate(last) if len(last) >= 2 else Estimate(float(last[0]), np.nan, np.nan, np.nan, 1)
 
 
 def geometric_edges(lo: int, hi: int, bins: int) -> np.ndarray:
@@ -206,4 +225,5 @@ def estimate_bound(model: EpsModel, s, x0: torch.Tensor, image_ids: np.ndarray, 
     bar.close()
     total = grouped_mean_estimate(groups) if n >= 2 else Estimate(float(per_image[0]), np.nan, np.nan, np.nan, 1)
     return BoundEstimate(per_image, np.asarray(image_ids), phase, total, float(prior.mean()),
-                         float(exact[:, 0].mean()), terms, n * design.passes_per_image(), design)
+                         float(exact[:, 0].mean()), terms, n * design.passes_per_image(), design,
+                         last_term=exact[:, -1].copy())  # exact_idx ends on T - 1 in both designs

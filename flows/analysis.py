@@ -8,6 +8,10 @@ noise and t draws (evaluate.seed), and the FID-proxy against the same reference 
                reference resampled).
 Both cover the estimator's noise (images, noise draws, samples) for the two trained models as they are, not
 training noise: that is what the seeds table shows (mean and sd across train.seed).
+The same holds for a change of a contrast, (a2 - b2) - (a1 - b1), e.g. between two training budgets: per image
+for bits/dim; for the FID-proxy a bootstrap that resamples the shared reference once for all four points (the
+reference is paired, the four points' samples are not).
+`bpd_without_last_term` is bits/dim less each image's exact t = T term (the same draw the bound used).
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ddpm_core.fid import fid_bootstrap
-from ddpm_core.stats import Estimate, paired_difference
+from ddpm_core.fid import fid_bootstrap, fid_from_features
+from ddpm_core.stats import Estimate, bootstrap, mean_estimate
 from pipeline.params import ParamsError
 
 from .points import PointResult, short_key
@@ -40,12 +44,29 @@ def reference_index(results: list[PointResult], reference: dict[str, Any] | None
     return match[0] if results[match[0]].status == "ok" else None
 
 
-def bpd_difference(a: PointResult, ref: PointResult) -> Estimate | None:
-    common = sorted(set(a.bpd_per_image) & set(ref.bpd_per_image))
+BPD_METRICS = ("bpd", "bpd_without_last_term")
+
+
+def per_image(r: PointResult, metric: str = "bpd") -> dict[int, float]:
+    """Test image id -> the point's bits/dim (metric bpd) or bits/dim less its t = T term (empty when the
+    experiment predates the last-term column)."""
+    if metric == "bpd":
+        return r.bpd_per_image
+    return {i: r.bpd_per_image[i] - last for i, last in r.last_term_per_image.items() if i in r.bpd_per_image}
+
+
+def bpd_difference(a: PointResult, ref: PointResult, metric: str = "bpd") -> Estimate | None:
+    return bpd_change([a, ref], [1.0, -1.0], metric)
+
+
+def bpd_change(points: list[PointResult], weights: list[float], metric: str = "bpd") -> Estimate | None:
+    """sum_k w_k * metric(points[k]), paired per test image over the images all points share (a - b: weights
+    1, -1; a change of a contrast between budgets: (a2 - b2) - (a1 - b1)). None below 2 common images."""
+    maps = [per_image(p, metric) for p in points]
+    common = sorted(set.intersection(*(set(m) for m in maps)))
     if len(common) < 2:
         return None
-    return paired_difference(np.array([a.bpd_per_image[i] for i in common]),
-                             np.array([ref.bpd_per_image[i] for i in common]))
+    return mean_estimate(sum(w * np.array([m[i] for i in common]) for w, m in zip(weights, maps)))
 
 
 def fid_difference(a: PointResult, ref: PointResult, seed: int = 0) -> Estimate | None:
@@ -54,6 +75,26 @@ def fid_difference(a: PointResult, ref: PointResult, seed: int = 0) -> Estimate 
     if not fa or not fr or fa["test"].shape != fr["test"].shape or not np.allclose(fa["test"], fr["test"], atol=1e-4):
         return None
     return fid_bootstrap(fa["gen"], fa["test"], BOOTSTRAP_REPS, seed, minus=fr["gen"])
+
+
+def fid_change(points: list[PointResult], weights: list[float], seed: int = 0) -> Estimate | None:
+    """sum_k w_k * FID-proxy(points[k]) with a bootstrap 95% interval: each replicate resamples every point's
+    samples and, once for all of them, the shared reference images. None when the points were not scored
+    against the same reference features."""
+    feats = [p.fid_features for p in points]
+    ref = feats[0]["test"] if feats[0] else None
+    if ref is None or any(not f or f["test"].shape != ref.shape or not np.allclose(f["test"], ref, atol=1e-4)
+                          for f in feats):
+        return None
+
+    def stat(gens: list[np.ndarray], test: np.ndarray) -> float:
+        return float(sum(w * fid_from_features(g, test) for w, g in zip(weights, gens)))
+
+    def replicate(rng: np.random.Generator) -> float:
+        pick = [rng.integers(0, len(f["gen"]), len(f["gen"])) for f in feats]
+        return stat([f["gen"][i] for f, i in zip(feats, pick)], ref[rng.integers(0, len(ref), len(ref))])
+
+    return bootstrap(replicate, stat([f["gen"] for f in feats], ref), BOOTSTRAP_REPS, seed, len(feats[0]["gen"]))
 
 
 def differences(results: list[PointResult], ref: int | None) -> list[dict[str, float | None]]:

@@ -31,6 +31,8 @@ METRIC_KEYS = ("bpd", "bpd_stderr", "bpd_ci_low", "bpd_ci_high", "prior_bpd", "d
                "bpd_network_passes", "fid_proxy", "fid_proxy_ci_low", "fid_proxy_ci_high", "fid_proxy_floor",
                "fid_proxy_floor_ci_low", "fid_proxy_floor_ci_high", "kid_proxy", "kid_proxy_stderr",
                "classifier_accuracy", "n_fid", "sample_steps", "sample_seconds", "final_train_loss")
+LAST_TERM_KEYS = ("bpd_last_term", "bpd_last_term_ci_low", "bpd_last_term_ci_high", "bpd_without_last_term",
+                  "bpd_without_last_term_ci_low", "bpd_without_last_term_ci_high")  # evaluate writes them since #23
 _READ_LOCK = threading.Lock()  # dvc.api and `dvc exp pull` share the repository's index
 
 
@@ -94,6 +96,7 @@ class PointResult:
     exp_rev: str = ""
     reason: str = ""
     bpd_per_image: dict[int, float] = field(default_factory=dict, repr=False)   # test image id -> bits/dim
+    last_term_per_image: dict[int, float] = field(default_factory=dict, repr=False)  # id -> its t = T term
     fid_features: dict[str, Any] = field(default_factory=dict, repr=False)      # gen, test, train: [n, D]
 
     @property
@@ -103,6 +106,7 @@ class PointResult:
     def row(self) -> dict[str, Any]:
         keys = tuple(self.axes)
         m = {k: self.metrics.get(k) for k in METRIC_KEYS}
+        m |= {k: self.metrics[k] for k in LAST_TERM_KEYS if k in self.metrics}  # absent in older experiments
         return {**{short_key(k, keys): v for k, v in self.axes.items()}, "status": self.status, **m,
                 "seconds": round(self.seconds, 1), "cached": self.cached, "exp_name": self.exp_name,
                 "mlflow_run_id": self.mlflow_run_id, "reason": self.reason}
@@ -271,12 +275,15 @@ def collect(root: Path, point: Point, name: str, rev: str, cached: bool, seconds
 
     metrics = json.loads(read_exp_file(root, rev, "reports/metrics.json"))
     run = json.loads(read_exp_file(root, rev, "reports/mlflow_run.json"))
-    per_image = {int(r["image"]): float(r["bpd"]) for r in csv.DictReader(
-        io.StringIO(read_exp_file(root, rev, "reports/bpd_per_image.csv")))}
+    rows = list(csv.DictReader(io.StringIO(read_exp_file(root, rev, "reports/bpd_per_image.csv"))))
+    per_image = {int(r["image"]): float(r["bpd"]) for r in rows}
+    last = {int(r["image"]): float(r["last_term"]) for r in rows if r.get("last_term")}
     with np.load(io.BytesIO(read_exp_file(root, rev, "build/fid_features.npz", binary=True))) as z:
         features = {k: z[k].astype(np.float64) for k in ("gen", "test", "train")}
-    return PointResult(dict(point.axes), "ok", name, {k: metrics[k] for k in METRIC_KEYS if k in metrics},
-                       seconds, cached, run.get("run_id", ""), rev, bpd_per_image=per_image, fid_features=features)
+    return PointResult(dict(point.axes), "ok", name,
+                       {k: metrics[k] for k in (*METRIC_KEYS, *LAST_TERM_KEYS) if k in metrics}, seconds, cached,
+                       run.get("run_id", ""), rev, bpd_per_image=per_image, last_term_per_image=last,
+                       fid_features=features)
 
 
 def execute(root: Path, point: Point, sweep: str, log_path: Path, env: dict[str, str]) -> PointResult:

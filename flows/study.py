@@ -3,8 +3,9 @@
     python -m flows.study flows/studies/schedule-T-objective.yaml [--gpu] [--concurrency N | --devices 0,1,...]
 
 The grid file names the study, its budget (params keys every point gets; `gpu_budget` replaces them with
---gpu), bundles (one grid value that sets several keys, e.g. `training: improved` = learned_range + hybrid)
-and a list of grids whose cross products are joined. Every point is one DVC experiment of the pipeline, as
+--gpu), bundles (one grid value that sets several keys, e.g. `training: improved` = learned_range + hybrid;
+a bundle that sets train.steps is a budget axis: see flows/study_budget.py) and a list of grids whose cross
+products are joined (e.g. one grid per sampler, each with its own sample.steps). Every point is one DVC experiment of the pipeline, as
 in a sweep (flows/sweep.py): a second run reuses every finished point (its experiment, else DVC's run-cache),
 and points that differ only in sampling keys train once. Results go to reports/studies/NAME/ (NAME-gpu with
 --gpu): the sweep summary, the study's contrasts (flows/study_report.py), plots and a sample sheet per model.

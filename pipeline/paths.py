@@ -21,7 +21,7 @@ SAMPLE_GRID = REPORTS / "samples.png"
 SAMPLE_STATS = REPORTS / "sample.json"
 METRICS = REPORTS / "metrics.json"
 BPD_PER_T = REPORTS / "bpd_per_t.csv"
-BPD_PER_IMAGE = REPORTS / "bpd_per_image.csv"  # evaluate: each test image's bound estimate, for paired differences
+BPD_PER_IMAGE = REPORTS / "bpd_per_image.csv"  # evaluate: per test image, the bound and its t = T term (pairing)
 BPD_PLOT = REPORTS / "bpd_per_t.png"
 LOSS_PLOT = REPORTS / "train_loss.png"
 SUMMARY = REPORTS / "summary.md"

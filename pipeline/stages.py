@@ -357,6 +357,8 @@ def evaluate(p: Params) -> None:
     sample_stats = json.loads(paths.SAMPLE_STATS.read_text())
     ran = what_ran(meta, sample_stats)
     metrics = {**bound.total.as_dict("bpd"), "prior_bpd": bound.prior_bpd, "decoder_bpd": bound.decoder_bpd,
+               **bound.last_term_estimate().as_dict("bpd_last_term"),  # t = T, exact, on the bound's draws
+               **bound.without_last_term().as_dict("bpd_without_last_term"),
                "n_bpd": len(bound.per_image), "bpd_network_passes": bound.network_passes,
                "bpd_exact_t": bound.design.exact_t, "bpd_draws": bound.design.draws, "bpd_seconds": bpd_seconds,
                **fid, "classifier_accuracy": accuracy, "sample_steps": sample_stats["steps"],
@@ -443,8 +445,9 @@ def model_description(p: Params, meta: dict[str, Any], metrics: dict[str, Any]) 
 def write_reports(p: Params, metrics: dict[str, Any], bound: BoundEstimate, losses: dict[str, np.ndarray]) -> None:
     write_json(paths.METRICS, metrics)
     reports.write_csv(paths.BPD_PER_T, ["t", "bpd"], [(i + 1, f"{v:.8g}") for i, v in enumerate(bound.terms_bpd)])
-    reports.write_csv(paths.BPD_PER_IMAGE, ["image", "phase", "bpd"],
-                      [(int(i), int(ph), f"{v:.10g}") for i, ph, v in zip(bound.image_ids, bound.phase, bound.per_image)])
+    reports.write_csv(paths.BPD_PER_IMAGE, ["image", "phase", "bpd", "last_term"],
+                      [(int(i), int(ph), f"{v:.10g}", f"{last:.10g}") for i, ph, v, last in
+                       zip(bound.image_ids, bound.phase, bound.per_image, bound.last_term)])
     title = f"{p.data.dataset}, {p.diffusion.schedule} T={p.diffusion.T}"
     reports.plot_bpd_per_t(bound.terms_bpd, paths.BPD_PLOT, f"bits/dim per t ({title}); total {metrics['bpd']:.3f}")
     reports.plot_loss(losses["step"], losses["loss"], paths.LOSS_PLOT, f"training loss ({title})")

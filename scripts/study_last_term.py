@@ -8,6 +8,11 @@ study's evaluate used (evaluate.seed picks them), one noise draw per image (seed
 subtracted from that image's bound estimate (reports/bpd_per_image.csv of the experiment). Both are unbiased
 per image, so "bound without t = T" is too, and cosine - linear of it is a paired difference over images.
 The trained networks are read from the experiments' DVC outputs (build/model.pt), nothing is retrained.
+
+For the first edition only (it wrote reports/studies/schedule-T-objective/last_term.csv, and needs that study's
+experiments). Since issue 23, evaluate keeps each image's t = T term from the bound's own draw
+(bpd_last_term in metrics.json, a last_term column in bpd_per_image.csv), and a study's contrasts include
+bits/dim without it (metric bpd_without_last_term): the second edition needs no separate script.
 """
 
 from __future__ import annotations

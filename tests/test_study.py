@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from flows import study_report
+from flows import analysis, study_budget, study_report
 from flows.points import PointResult, point_params_error
 from flows.study import Study, load_study, model_key
 from pipeline.params import ParamsError
@@ -16,6 +16,7 @@ from project import ROOT, make_project, run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 COMMITTED = ROOT / "flows" / "studies" / "schedule-T-objective.yaml"
+SECOND = ROOT / "flows" / "studies" / "schedule-T-objective-budget.yaml"
 BUNDLES = {"training": {"ho": {"diffusion.variance": "fixed_small", "train.loss": "simple"},
                         "improved": {"diffusion.variance": "learned_range", "train.loss": "hybrid"}}}
 
@@ -38,6 +39,37 @@ def test_the_committed_study_is_the_issue_grid_and_every_point_is_valid():
     assert gpu.name == "schedule-T-objective-gpu" and gpu.overrides["train.steps"] > spec.overrides["train.steps"]
     assert all(point_params_error(ROOT, p) is None for p in gpu.points())
     assert spec.reference_axes()["diffusion.variance"] == "fixed_small"
+
+
+def test_the_second_edition_has_two_budgets_five_samplings_and_trains_each_model_once():
+    spec = load_study(SECOND)
+    points = spec.points()
+    models = 2 * 2 * 2 + 1  # schedule x T x training, + seed 1 of linear T = 100 ho; per budget
+    assert len(points) == 2 * models * 5 and len({model_key(p) for p in points}) == 2 * models
+    assert len({p.exp_name(spec.name) for p in points}) == len(points)
+    settings = [p.settings() for p in points]
+    assert {s["train.steps"] for s in settings} == {400, 1600}
+    samplings = {(s["sample.sampler"], s["sample.steps"]) for s in settings}
+    assert samplings == {("ancestral", 10), ("ancestral", 25), ("ancestral", 100), ("dpm_solver++", 10),
+                         ("dpm_solver++", 20)}
+    # a model's points differ in sampling keys only; the two budgets differ in train.steps only, and share
+    # the test images, noise and t draws of the bound and the FID-proxy's reference images
+    for p in points:
+        assert sum(model_key(q) == model_key(p) for q in points) == 5
+    shared = ("evaluate.seed", "evaluate.bpd_passes", "evaluate.n_fid", "sample.n", "sample.seed")
+    assert len({tuple(s.get(k) for k in shared) for s in settings}) == 1
+    assert spec.overrides["evaluate.n_fid"] == spec.overrides["sample.n"] == 1000
+    by_budget = {}
+    for s in settings:
+        by_budget.setdefault(s["train.steps"], set()).add(tuple(sorted((k, repr(v)) for k, v in s.items()
+                                                                       if k != "train.steps")))
+    assert by_budget[400] == by_budget[1600]
+    assert sum(s["train.seed"] == 1 for s in settings) == 2 * 5
+    assert all(point_params_error(ROOT, p) is None for p in points)
+    assert spec.reference_axes() == {"train.steps": 1600, "diffusion.schedule": "linear", "diffusion.T": 1000,
+                                     "diffusion.variance": "fixed_small", "train.loss": "simple", "train.seed": 0,
+                                     "sample.sampler": "ancestral", "sample.steps": 100}
+    assert "python -m flows.study flows/studies/schedule-T-objective-budget.yaml" in SECOND.read_text()
 
 
 def write(tmp_path, text: str | bytes) -> Path:
@@ -140,19 +172,20 @@ def test_contrasts_pair_points_that_differ_in_one_axis():
     assert "| linear | 100 | 0 | improved - ho | " in md
 
 
+def fake_reader(root, rev, path, binary=False):
+    """read_exp_file's stand-in: sample images and a bits/dim-per-t curve."""
+    if path.endswith(".npz"):
+        import io
+        buf = io.BytesIO()
+        np.savez(buf, images=np.random.default_rng(0).integers(0, 256, (40, 1, 8, 8), dtype=np.uint8))
+        return buf.getvalue()
+    return "t,bpd\n" + "\n".join(f"{t},{1 / t}" for t in range(1, 101))
+
+
 def test_plots_and_sheets_without_experiments(tmp_path, monkeypatch):
     """write_all reads curves and samples from each point's experiment: here from a stand-in reader."""
     results = fake_results()
-
-    def read(root, rev, path, binary=False):
-        if path.endswith(".npz"):
-            import io
-            buf = io.BytesIO()
-            np.savez(buf, images=np.random.default_rng(0).integers(0, 256, (40, 1, 8, 8), dtype=np.uint8))
-            return buf.getvalue()
-        return "t,bpd\n" + "\n".join(f"{t},{1 / t}" for t in range(1, 101))
-
-    monkeypatch.setattr(study_report, "read_exp_file", read)
+    monkeypatch.setattr(study_report, "read_exp_file", fake_reader)
     files = study_report.write_all(tmp_path, SPEC, results, tmp_path)
     sheets = sorted((tmp_path / "samples").glob("*.png"))
     assert len(sheets) == 10 and sheets[0].name == "cosine-100-ho-0.png"
@@ -168,15 +201,135 @@ def test_plots_and_sheets_without_experiments(tmp_path, monkeypatch):
     assert "bpd_vs_T" not in files and files["fid_vs_steps"].read_bytes()[:8] == PNG
 
 
+# --- fast: two training budgets and two samplers, on made-up points -------------------------------------
+BUDGETS = {"budget": {400: {"train.steps": 400}, 1600: {"train.steps": 1600}}}
+AXES_B = {"budget": [400, 1600], "diffusion.schedule": ["linear", "cosine"], "training": ["ho", "improved"],
+          "train.seed": [0]}
+SPEC_B = Study("b", "", {}, {**BUDGETS, **BUNDLES}, [
+    {**AXES_B, "sample.sampler": ["ancestral"], "sample.steps": [10, 100]},
+    {**AXES_B, "sample.sampler": ["dpm_solver++"], "sample.steps": [10, 20]},
+    {**AXES_B, "diffusion.schedule": ["linear"], "training": ["ho"], "train.seed": [1],
+     "sample.sampler": ["ancestral"], "sample.steps": [10, 100]}], {})
+LAST = np.random.default_rng(5).normal(0, 0.3, 60)  # per-image spread of the t = T term, shared
+SHIFTS = {("ancestral", 10): 1.5, ("ancestral", 100): 0.3, ("dpm_solver++", 10): 0.6, ("dpm_solver++", 20): 0.3}
+
+
+def fake_b(axes: dict) -> PointResult:
+    """bits/dim 4 - 0.4 (1,600 steps) - 0.3 (improved; 0.5 at 1,600 steps) - 0.2 (cosine) + 0.05 (seed 1)
+    + the t = T term, 2.0 + LAST for cosine, LAST for linear: cosine - linear is +1.8 with that term and -0.2
+    without it, at both budgets. FID-proxy features shifted by SHIFTS x 0.3 (improved) x 0.5 (1,600 steps)."""
+    late, improved = axes["train.steps"] == 1600, axes["diffusion.variance"] == "learned_range"
+    cosine = axes["diffusion.schedule"] == "cosine"
+    bpd = 4 - 0.4 * late - (0.5 if late else 0.3) * improved - 0.2 * cosine + 0.05 * axes["train.seed"]
+    own = np.random.default_rng([axes["train.steps"], axes["train.seed"], improved, cosine])
+    last = {i: 2.0 * cosine + c for i, c in enumerate(LAST)}
+    per_image = {i: bpd + c + last[i] + 0.005 * own.normal() for i, c in enumerate(COMMON)}
+    shift = SHIFTS[axes["sample.sampler"], axes["sample.steps"]] * (0.3 if improved else 1.0) * (0.5 if late else 1)
+    test = np.random.default_rng(1).normal(size=(400, 3))
+    gen = np.random.default_rng([2, axes["sample.steps"], improved]).normal(size=(400, 3)) + [shift, 0, 0]
+    values = np.array(list(per_image.values()))
+    metrics = {"bpd": values.mean(), "bpd_ci_low": values.mean() - 0.1, "bpd_ci_high": values.mean() + 0.1,
+               "fid_proxy": shift ** 2, "fid_proxy_ci_low": 0.0, "fid_proxy_ci_high": shift ** 2 + 1,
+               "fid_proxy_floor": 0.01, "sample_steps": axes["sample.steps"], "n_fid": 400}
+    return PointResult(axes, "ok", "x", metrics, bpd_per_image=per_image, last_term_per_image=last,
+                       fid_features={"gen": gen, "test": test, "train": test}, exp_rev="x")
+
+
+def test_a_budget_axis_trains_each_model_once_per_budget_and_samplings_are_sampling_axes():
+    points = SPEC_B.points()
+    assert len(points) == 2 * 2 * 2 * 4 + 2 * 2
+    models = {model_key(p) for p in points}
+    assert len(models) == 2 * 2 * 2 + 2  # budget x schedule x training, + seed 1 at each budget
+    assert {dict(m)["train.steps"] for m in models} == {"400", "1600"}
+    assert [study_report._is_sampling(SPEC_B, n) for n in study_report.axis_of(SPEC_B)] == \
+        [False, False, False, False, True, True]
+    assert study_budget.budget_axis(SPEC_B) == "budget" and study_budget.budget_steps(SPEC_B, 1600) == 1600
+    assert study_budget.budget_axis(SPEC) is None  # the first edition: one budget
+    # a bundle of sampling keys is a sampling axis too, and trains nothing
+    sampling = {"sampling": {"anc": {"sample.sampler": "ancestral", "sample.steps": 100},
+                             "dpm": {"sample.sampler": "dpm_solver++", "sample.steps": 10}}}
+    spec = Study("c", "", {}, sampling, [{"diffusion.T": [100], "sampling": ["anc", "dpm"]}], {})
+    assert study_report._is_sampling(spec, "sampling") and len({model_key(p) for p in spec.points()}) == 1
+
+
+@pytest.fixture
+def few_reps(monkeypatch):
+    """40 bootstrap replicates for the FID-proxy intervals (200 in studies): enough for these signs."""
+    monkeypatch.setattr(analysis, "BOOTSTRAP_REPS", 40)
+
+
+def test_contrasts_at_each_budget_and_their_change_between_budgets(few_reps):
+    results = [fake_b(dict(p.axes)) for p in SPEC_B.points()]
+    pairs = study_report.contrast_pairs(SPEC_B, results)
+    frame = study_report.contrasts(SPEC_B, results, pairs)
+    assert "budget" in frame.columns
+    bpd = frame[frame.metric == "bpd"]
+    for axis, budget, expected in (("training", 400, -0.3), ("training", 1600, -0.5), ("schedule", 400, 1.8),
+                                   ("schedule", 1600, 1.8), ("seed", 400, 0.05), ("budget", 1600, -0.4)):
+        rows = bpd[(bpd.axis == axis) & ((bpd.budget == budget) if axis != "budget" else
+                                         (bpd.a == budget) & (bpd.training == "ho"))]
+        assert len(rows) and np.allclose(rows["diff"], expected, atol=0.01), (axis, budget)
+        assert (rows.ci_high - rows.ci_low < 0.01).all()
+    assert np.allclose(bpd[(bpd.axis == "budget") & (bpd.training == "improved")]["diff"], -0.6, atol=0.01)
+    without = frame[(frame.metric == "bpd_without_last_term") & (frame.axis == "schedule")]
+    assert len(without) == 4 and np.allclose(without["diff"], -0.2, atol=0.01) and set(without.verdict) == {"a lower"}
+    fid = frame[frame.metric == "fid_proxy"]
+    assert set(frame[frame.axis.isin(["sampler", "steps"])].metric) == {"fid_proxy"}  # sampling: samples only
+    assert set(fid[fid.axis == "sampler"].steps) == {10}  # dpm_solver++ - ancestral where both sampled 10 steps
+    steps = fid[fid.axis == "steps"]
+    assert set(zip(steps.sampler, steps.a, steps.b)) == {("ancestral", 10, 100), ("dpm_solver++", 10, 20)}
+
+    changes = study_budget.changes(SPEC_B, pairs)
+    assert "budget" not in changes.columns and set(changes.budget_from) == {400} and set(changes.budget_to) == {1600}
+    assert set(changes.axis) == {"schedule", "training", "seed", "sampler", "steps"}  # every contrast but the budget's
+    row = lambda axis, metric, **k: changes[(changes.axis == axis) & (changes.metric == metric)  # noqa: E731
+                                            & np.logical_and.reduce([changes[c] == v for c, v in k.items()])]
+    improved = row("training", "bpd", schedule="linear")
+    assert len(improved) == 1 and improved["change"].iloc[0] == pytest.approx(-0.2, abs=0.01)
+    assert improved.change_ci_high.iloc[0] - improved.change_ci_low.iloc[0] < 0.01  # paired across budgets
+    assert improved.diff_from.iloc[0] == pytest.approx(-0.3, abs=0.01) and improved.verdict.iloc[0] == "a - b falls"
+    # the FID-proxy's change: the four points' covariance terms cancel in pairs (same sample noise at both
+    # budgets), so the estimate is exactly sum_k w_k |mean(gen_k) - mean(reference)|^2
+    fid10 = row("training", "fid_proxy", schedule="linear", sampler="ancestral", steps=10)
+    points = {(r.axes["train.steps"], r.axes["diffusion.variance"]): r for r in results
+              if r.axes["diffusion.schedule"] == "linear" and r.axes["train.seed"] == 0
+              and (r.axes["sample.sampler"], r.axes["sample.steps"]) == ("ancestral", 10)}
+    dist = {k: np.sum((r.fid_features["gen"].mean(0) - r.fid_features["test"].mean(0)) ** 2) for k, r in points.items()}
+    expected = (dist[1600, "learned_range"] - dist[1600, "fixed_small"]) - (dist[400, "learned_range"]
+                                                                           - dist[400, "fixed_small"])
+    assert fid10["change"].iloc[0] == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx((0.225 ** 2 - 0.75 ** 2) - (0.45 ** 2 - 1.5 ** 2), abs=0.3)  # the shifts
+    assert fid10.change_ci_low.iloc[0] > 0 and fid10.verdict.iloc[0] == "a - b rises"
+    md = study_budget.changes_markdown(SPEC_B, changes)
+    assert "## training: bpd, across budgets" in md and "| linear | 0 | improved - ho | 400 -> 1600 |" in md
+
+
+def test_a_second_budget_writes_its_changes_and_a_plot_per_claim(tmp_path, monkeypatch, few_reps):
+    monkeypatch.setattr(study_report, "read_exp_file", fake_reader)
+    files = study_report.write_all(tmp_path, SPEC_B, [fake_b(dict(p.axes)) for p in SPEC_B.points()], tmp_path)
+    for axis in ("schedule", "training", "seed", "sampler", "steps"):
+        assert files[f"claim_{axis}"].read_bytes()[:8] == PNG
+    assert "claim_budget" not in files and files["fid_vs_steps"].read_bytes()[:8] == PNG
+    assert list(csv.DictReader(files["budget_changes_csv"].open()))
+    assert "# Across training budgets" in files["contrasts_md"].read_text()
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 10  # a sheet per model, both samplers on it
+    one = study_report.write_all(tmp_path, SPEC, fake_results(), tmp_path / "one") if (tmp_path / "one").mkdir() \
+        is None else None
+    assert "budget_changes_csv" not in one and "Across" not in one["contrasts_md"].read_text()
+
+
 # --- slow: a tiny digits study through its command -------------------------------------------------------
-TINY_STUDY = {
-    "name": "tiny", "budget": {"train.steps": 8, "sample.n": 24, "evaluate.n_fid": 24,
-                               "evaluate.bpd_passes": 240},
-    "fixed": {"sample.sampler": "ancestral", "sample.clamp_steps": True, "mlflow.register_model": False},
-    "bundles": BUNDLES,
-    "grids": [{"diffusion.schedule": ["linear", "cosine"], "diffusion.T": [30, 60], "training": ["ho", "improved"],
-               "sample.steps": [4, 8]}],
-    "reference": {"diffusion.schedule": "linear", "diffusion.T": 30, "training": "ho", "sample.steps": 8},
+TINY_AXES = {"budget": [8, 16], "diffusion.schedule": ["linear", "cosine"], "diffusion.T": [30],
+             "training": ["ho", "improved"]}
+TINY_STUDY = {  # two budgets x 2 schedules x 2 trainings, ancestral; DPM-Solver++ for one model per budget
+    "name": "tiny", "budget": {"sample.n": 24, "evaluate.n_fid": 24, "evaluate.bpd_passes": 240},
+    "fixed": {"sample.clamp_steps": True, "mlflow.register_model": False},
+    "bundles": {"budget": {8: {"train.steps": 8}, 16: {"train.steps": 16}}, **BUNDLES},
+    "grids": [{**TINY_AXES, "sample.sampler": ["ancestral"], "sample.steps": [4]},
+              {**TINY_AXES, "diffusion.schedule": ["linear"], "training": ["ho"], "sample.sampler": ["dpm_solver++"],
+               "sample.steps": [4]}],
+    "reference": {"budget": 16, "diffusion.schedule": "linear", "diffusion.T": 30, "training": "ho",
+                  "sample.sampler": "ancestral", "sample.steps": 4},
 }
 
 
@@ -204,33 +357,43 @@ def test_a_tiny_study_end_to_end_and_again_from_its_experiments(harness, tmp_pat
     assert main(["tiny.yaml"]) == 0
     out = project / "reports" / "studies" / "tiny"
     rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert len(rows) == 16 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 10 and all(r["status"] == "ok" for r in rows)
     assert [r["reference"] for r in rows].count("True") == 1
-    assert {(r["schedule"], r["T"], r["variance"], r["loss"], r["steps"]) for r in rows} == {
-        (s, T, v, loss, k) for s in ("linear", "cosine") for T in ("30", "60")
-        for v, loss in (("fixed_small", "simple"), ("learned_range", "hybrid")) for k in ("4", "8")}
+    ho, improved = ("fixed_small", "simple"), ("learned_range", "hybrid")
+    assert {(r["train.steps"], r["schedule"], r["variance"], r["loss"], r["sampler"]) for r in rows} == {
+        (b, s, *t, "ancestral") for b in ("8", "16") for s in ("linear", "cosine") for t in (ho, improved)} | {
+        (b, "linear", *ho, "dpm_solver++") for b in ("8", "16")}
+    for r in rows:  # the t = T term, measured by evaluate on the bound's own draws
+        assert float(r["bpd"]) - float(r["bpd_without_last_term"]) == pytest.approx(float(r["bpd_last_term"]))
+        assert float(r["bpd_last_term_ci_low"]) <= float(r["bpd_last_term"]) <= float(r["bpd_last_term_ci_high"])
     contrasts = list(csv.DictReader((out / "contrasts.csv").open()))
+    bound = ("bpd", "bpd_without_last_term", "fid_proxy")
     assert {(c["axis"], c["metric"]) for c in contrasts} == {
-        ("schedule", "bpd"), ("schedule", "fid_proxy"), ("training", "bpd"), ("training", "fid_proxy"),
-        ("T", "bpd"), ("T", "fid_proxy"), ("steps", "fid_proxy")}
+        *((a, m) for a in ("budget", "schedule", "training") for m in bound), ("sampler", "fid_proxy")}
     assert all(float(c["ci_low"]) <= float(c["diff"]) <= float(c["ci_high"]) for c in contrasts)
+    changes = list(csv.DictReader((out / "budget_changes.csv").open()))
+    assert {(c["axis"], c["metric"]) for c in changes} == {
+        *((a, m) for a in ("schedule", "training") for m in bound), ("sampler", "fid_proxy")}
+    assert {(c["budget_from"], c["budget_to"]) for c in changes} == {("8", "16")}
+    assert all(float(c["change_ci_low"]) <= float(c["change"]) <= float(c["change_ci_high"]) for c in changes)
     for name in ("summary.md", "contrasts.md"):
         assert (out / name).read_text().strip()
-    for name in ("sweep.png", "bpd_vs_T.png", "fid_vs_steps.png", "bpd_per_t.png"):
+    for name in ("sweep.png", "bpd_vs_T.png", "fid_vs_steps.png", "bpd_per_t.png", "claim_schedule_vs_budget.png",
+                 "claim_training_vs_budget.png", "claim_sampler_vs_budget.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
     assert len(list((out / "samples").glob("*.png"))) == 8  # one sheet per trained model
     # a model trains once: its two sampling points share the trained network's bits/dim exactly
     by_model = {}
     for r in rows:
-        by_model.setdefault((r["schedule"], r["T"], r["variance"]), set()).add(r["bpd"])
-    assert all(len(v) == 1 for v in by_model.values())
+        by_model.setdefault((r["train.steps"], r["schedule"], r["variance"]), set()).add(r["bpd"])
+    assert len(by_model) == 8 and all(len(v) == 1 for v in by_model.values())
     # MLflow: one parent run, a child per point; Prefect: the summary as artifacts
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ddpm")
     parents = client.search_runs([exp.experiment_id], "tags.study = 'tiny'")
     assert len(parents) == 1
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    assert len(children) == 16
+    assert len(children) == 10
     with get_client(sync_client=True) as pc:
         assert {"sweep-tiny-table", "sweep-tiny-summary"} <= {a.key for a in pc.read_artifacts()}
     # again: every point reused from its experiment, nothing recomputed, the same table
