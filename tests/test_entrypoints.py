@@ -103,15 +103,23 @@ def env(api: str | None = None, **more: str) -> dict[str, str]:
 
 
 # --- the Prefect REST API, as the UI calls it -------------------------------------------------------------
-def call(api: str, method: str, path: str, body=None):
+BUSY = {429, 502, 503}  # what Prefect's own client retries: a busy server (its SQLite locked under load) says 503
+
+
+def call(api: str, method: str, path: str, body=None, tries: int = 6):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(api + path, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        e.msg = f"{e.msg}: {e.read().decode(errors='replace')[:2000]}"  # the server's reason, in the failure
-        raise
+    for attempt in range(tries):
+        req = urllib.request.Request(api + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            if e.code in BUSY and attempt < tries - 1:
+                time.sleep(2 ** attempt)  # as the UI's client backs off; a busy answer changed nothing
+                continue
+            e.msg = f"{e.msg}: {e.read().decode(errors='replace')[:2000]}"  # the server's reason, in the failure
+            raise
 
 
 def wait_run(api: str, run_id: str, log: Path, seconds: float = 900) -> dict:
