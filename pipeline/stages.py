@@ -251,8 +251,8 @@ def checkpoint_grid(p: Params, live: tracking.LiveRun, schedule: NoiseSchedule, 
 
     def log(step: int, ema: torch.nn.Module) -> None:
         live.flush()
-        if step <= live.after_step:
-            return  # the run has this step's grid from before the kill
+        if step <= live.after_step and step in tracking.image_steps(live, "samples"):
+            return  # the run has this step's grid from before the kill (a kill while it was drawn: it has not)
         was_training = ema.training
         ema.eval()
         x = draw_samples(ema, schedule, GRID_N, shape, 0, "ddim", min(GRID_STEPS, schedule.T), 0.0, GRID_N,

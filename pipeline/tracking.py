@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
+import re
 import subprocess
 import sys
 import threading
@@ -179,6 +180,18 @@ def _live_owner_alive(run, now: float) -> bool:
     tags = run.data.tags
     beat = tags.get(HEARTBEAT)
     return owner.alive(tags[OWNER], float(beat) if beat else None, now)
+
+
+def image_steps(live: LiveRun, key: str) -> set[int]:
+    """The steps at which the run has a `key` image (MLflow names them images/KEY+step+N+timestamp+...; '%'
+    before 3.x); empty where the store cannot say."""
+    prefix = "images/" + key.replace("/", "~")
+    try:
+        paths = [a.path for a in live.client.list_artifacts(live.run_id, "images")]
+    except Exception:
+        return set()
+    found = (re.fullmatch(re.escape(prefix) + r"[+%]step[+%](\d+)[+%].*\.png", p) for p in paths)
+    return {int(m.group(1)) for m in found if m}
 
 
 def log_image(live: LiveRun, image, key: str, step: int) -> None:

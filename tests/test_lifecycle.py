@@ -204,6 +204,41 @@ def test_evaluate_fills_the_steps_a_store_outage_cost_the_curve(tmp_path, monkey
     assert sorted((m.step, m.value) for m in curve) == [(2, 0.2), (4, 0.4), (6, 0.6), (8, 0.8), (9, 0.9)]
 
 
+def test_a_resumed_training_draws_the_grid_a_kill_interrupted_and_only_that(tmp_path, monkeypatch):
+    """The curve had reached step 40 when the kill came, while the step-40 grid was being drawn (the checkpoint
+    is written after it, so training resumes from 20): on resume, 20's grid is in the run and is not drawn
+    again; 40's is not, and is drawn."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from ddpm_core.schedules import NoiseSchedule
+    from pipeline import stages, tracking
+
+    from helpers import tiny_unet
+
+    monkeypatch.setenv("DDPM_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = tracking.open_training_run("ddpm", tmp_path / "run.json", "tiny", {}, {})
+    for step in range(10, 41, 10):
+        first.log(step, {"train_loss": 1.0})
+    tracking.log_image(first, np.zeros((8, 8), np.uint8), "samples", 20)
+    tracking.end_training_run(first, "KILLED")
+    client, _ = mlflow_runs(tmp_path)
+    live = tracking.LiveRun(client, first.run_id, after_step=40)
+    try:
+        assert tracking.image_steps(live, "samples") == {20}
+        p = SimpleNamespace(diffusion=SimpleNamespace(variance="fixed_small", objective="eps"))
+        hook = stages.checkpoint_grid(p, live, NoiseSchedule.named("linear", 30), (1, 8, 8), torch.device("cpu"))
+        for step in (20, 40):
+            hook(step, tiny_unet())
+        images = [a.path for a in client.list_artifacts(live.run_id, "images") if a.path.endswith(".png")]
+        assert sorted(int(re.search(r"step\+(\d+)\+", p).group(1)) for p in images) == [20, 40]
+    finally:
+        tracking.end_training_run(live, "FINISHED")
+
+
 def test_orphans_are_runs_whose_owner_process_is_gone(tmp_path, monkeypatch):
     """RUNNING runs owned by a dead process on this host, or by a host whose heartbeat is 10 minutes old, are
     marked KILLED, ending at their last heartbeat; live owners, fresh heartbeats and runs without an owner stay."""
