@@ -121,6 +121,18 @@ SPEC = Study("s", "", {}, BUNDLES, [{"diffusion.schedule": ["linear", "cosine"],
 COMMON = np.random.default_rng(0).normal(0, 0.5, 60)  # per-image noise shared by every point: paired
 
 
+def point_result(axes, per_image, shift, improved, **extra) -> PointResult:
+    """A synthetic point: its per-image bits/dim, and FID-proxy features shifted by `shift` from the test set."""
+    test = np.random.default_rng(1).normal(size=(400, 3))
+    gen = np.random.default_rng([2, axes["sample.steps"], improved]).normal(size=(400, 3)) + [shift, 0, 0]
+    values = np.array(list(per_image.values()))
+    metrics = {"bpd": values.mean(), "bpd_ci_low": values.mean() - 0.1, "bpd_ci_high": values.mean() + 0.1,
+               "fid_proxy": shift ** 2, "fid_proxy_ci_low": 0.0, "fid_proxy_ci_high": shift ** 2 + 1,
+               "fid_proxy_floor": 0.01, "sample_steps": axes["sample.steps"], "n_fid": 400}
+    return PointResult(axes, "ok", "x", metrics, bpd_per_image=per_image,
+                       fid_features={"gen": gen, "test": test, "train": test}, **extra)
+
+
 def fake(axes: dict) -> PointResult:
     """bits/dim 4 - 0.2 (cosine) - 0.3 (improved) - 0.1 (T 1000) + 0.05 (seed 1); FID-proxy features shifted
     more at 10 steps, less with improved."""
@@ -130,14 +142,7 @@ def fake(axes: dict) -> PointResult:
     own = np.random.default_rng([axes["diffusion.T"], axes["train.seed"], improved])
     per_image = {i: bpd + c + 0.005 * own.normal() for i, c in enumerate(COMMON)}
     shift = (1.5 if axes["sample.steps"] == 10 else 0.3) * (0.3 if improved else 1.0)
-    test = np.random.default_rng(1).normal(size=(400, 3))
-    gen = np.random.default_rng([2, axes["sample.steps"], improved]).normal(size=(400, 3)) + [shift, 0, 0]
-    values = np.array(list(per_image.values()))
-    metrics = {"bpd": values.mean(), "bpd_ci_low": values.mean() - 0.1, "bpd_ci_high": values.mean() + 0.1,
-               "fid_proxy": shift ** 2, "fid_proxy_ci_low": 0.0, "fid_proxy_ci_high": shift ** 2 + 1,
-               "fid_proxy_floor": 0.01, "sample_steps": axes["sample.steps"], "n_fid": 400}
-    return PointResult(axes, "ok", "x", metrics, bpd_per_image=per_image,
-                       fid_features={"gen": gen, "test": test, "train": test})
+    return point_result(axes, per_image, shift, improved)
 
 
 def fake_results() -> list[PointResult]:
@@ -225,14 +230,7 @@ def fake_b(axes: dict) -> PointResult:
     last = {i: 2.0 * cosine + c for i, c in enumerate(LAST)}
     per_image = {i: bpd + c + last[i] + 0.005 * own.normal() for i, c in enumerate(COMMON)}
     shift = SHIFTS[axes["sample.sampler"], axes["sample.steps"]] * (0.3 if improved else 1.0) * (0.5 if late else 1)
-    test = np.random.default_rng(1).normal(size=(400, 3))
-    gen = np.random.default_rng([2, axes["sample.steps"], improved]).normal(size=(400, 3)) + [shift, 0, 0]
-    values = np.array(list(per_image.values()))
-    metrics = {"bpd": values.mean(), "bpd_ci_low": values.mean() - 0.1, "bpd_ci_high": values.mean() + 0.1,
-               "fid_proxy": shift ** 2, "fid_proxy_ci_low": 0.0, "fid_proxy_ci_high": shift ** 2 + 1,
-               "fid_proxy_floor": 0.01, "sample_steps": axes["sample.steps"], "n_fid": 400}
-    return PointResult(axes, "ok", "x", metrics, bpd_per_image=per_image, last_term_per_image=last,
-                       fid_features={"gen": gen, "test": test, "train": test}, exp_rev="x")
+    return point_result(axes, per_image, shift, improved, last_term_per_image=last, exp_rev="x")
 
 
 def test_a_budget_axis_trains_each_model_once_per_budget_and_samplings_are_sampling_axes():
