@@ -59,6 +59,8 @@ def test_the_second_edition_has_two_budgets_five_samplings_and_trains_each_model
     shared = ("evaluate.seed", "evaluate.bpd_passes", "evaluate.n_fid", "sample.n", "sample.seed")
     assert len({tuple(s.get(k) for k in shared) for s in settings}) == 1
     assert spec.overrides["evaluate.n_fid"] == spec.overrides["sample.n"] == 1000
+    # one precision for all 90 points: `auto` would train a resumed run's later models in bf16 on a bf16 CPU
+    assert spec.overrides["train.precision"] == spec.overrides["sample.precision"] == "fp32"
     by_budget = {}
     for s in settings:
         by_budget.setdefault(s["train.steps"], set()).add(tuple(sorted((k, repr(v)) for k, v in s.items()
