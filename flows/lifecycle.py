@@ -36,7 +36,10 @@ def current_flow_run() -> str | None:
     return flow_run.get_id()
 
 
-def crash_flow_runs(runs: list) -> list[str]:
+KILLED_MESSAGE = "its process was killed; marked Crashed when the sweep ran again"
+
+
+def crash_flow_runs(runs: list, message: str = KILLED_MESSAGE) -> list[str]:
     """Set the Prefect flow runs that orphaned MLflow parent runs name (and their task runs) to Crashed, if they
     are not final yet. Returns their ids."""
     ids = [r.data.tags[FLOW_RUN_TAG] for r in runs if r.data.tags.get(FLOW_RUN_TAG)]
@@ -55,14 +58,14 @@ def crash_flow_runs(runs: list) -> list[str]:
                 flow_run = client.read_flow_run(flow_run_id)
             except Exception:  # another Prefect server, or deleted: nothing to end here
                 continue
-            message = "its process was killed; marked Crashed when the sweep ran again"
             pending = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             for task_run in pending:
                 if task_run.state is not None and not task_run.state.is_final():
                     client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
             if flow_run.state is not None and not flow_run.state.is_final():
                 client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
-                print(f"sweep: flow run {flow_run.name} ({flow_run_id}) of a killed sweep marked Crashed")
+                if message == KILLED_MESSAGE:
+                    print(f"sweep: flow run {flow_run.name} ({flow_run_id}) of a killed sweep marked Crashed")
                 done.append(str(flow_run_id))
     return done
 

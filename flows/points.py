@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from . import interrupt
 from pipeline.params import ParamsError, validate
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -253,10 +254,13 @@ def run_experiment(root: Path, point: Point, name: str, log_path: Path, env: dic
     with open(log_path, "a") as log:
         log.write(f"\n$ dvc {' '.join(cmd[3:])}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         log.flush()
-        proc = subprocess.run(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
+        try:
+            returncode = interrupt.run(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        except interrupt.Interrupted as e:
+            raise PointError(str(e), transient=False) from None
+    if returncode != 0:
         text = log_path.read_text()
-        raise failure_reason(text[text.rfind("\n$ "):], proc.returncode)
+        raise failure_reason(text[text.rfind("\n$ "):], returncode)
 
 
 def read_exp_file(root: Path, rev: str, path: str, binary: bool = False) -> str | bytes:

@@ -28,7 +28,7 @@ import flows  # noqa: F401  (telemetry off, server start-up time: before prefect
 from prefect import flow  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
-from flows import devices as gpus, summary  # noqa: E402
+from flows import devices as gpus, interrupt, summary  # noqa: E402
 from flows.lifecycle import FLOW_RUN_TAG, crash_flow_runs, current_flow_run  # noqa: E402
 from flows.points import NAME_RE, Point, PointResult, git  # noqa: E402
 from flows.sweep import (  # noqa: E402
@@ -157,7 +157,7 @@ def study(path: str, gpu: bool = False, concurrency: int = 1, project: str | Non
     at_once = len(devices) if devices else concurrency
     if at_once > 1 and "train.threads" not in spec.overrides:
         spec = dataclasses.replace(spec, overrides={**spec.overrides, "train.threads": threads_per_point(at_once)})
-    with project_root_env(root):
+    with project_root_env(root), interrupt.handling(f"study {spec.name}"):
         return _run_study(root, spec, concurrency, experiment, devices)
 
 
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as e:
         print(f"error: study: {e}", file=sys.stderr)
         return 2
+    interrupt.enable()  # Ctrl-C / SIGTERM: stop the points now, keep what a rerun resumes from
     state = study(args.path, args.gpu, args.concurrency, devices=devices, return_state=True)
     print(state.message)
     return 0 if state.is_completed() else 1

@@ -32,7 +32,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from flows import devices as gpus, summary  # noqa: E402
+from flows import devices as gpus, interrupt, summary  # noqa: E402
 from flows.lifecycle import resumed_step, sweep_parent  # noqa: E402
 from flows.points import (  # noqa: E402
     NAME_RE, Point, PointError, PointResult, collect, combine_axes, dvc_cmd, execute, existing_exp, exp_ref, git,
@@ -50,7 +50,7 @@ NO_RETRY = "(not retried)"  # marks a point flow's failure that running again ca
 def _retry_transient(task, task_run, state) -> bool:
     """Retry crashes and kills, never a point whose parameters or data are wrong."""
     exc = state.result(raise_on_failure=False)
-    return not (isinstance(exc, PointError) and not exc.transient)
+    return not interrupt.stopping() and not (isinstance(exc, PointError) and not exc.transient)
 
 
 def threads_per_point(concurrency: int) -> int:
@@ -114,9 +114,9 @@ def warm_shared_stages(root: Path, name: str, grid: list[Point]) -> None:
     log = summary.sweep_dir(root, name) / "logs" / "shared-stages.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
-        done = subprocess.run(dvc_cmd("--wait-for-lock", "repro", "featurizer"), cwd=root, env=tool_env(),
-                              stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+        returncode = interrupt.run(dvc_cmd("--wait-for-lock", "repro", "featurizer"), cwd=root, env=tool_env(),
+                                   stdout=f, stderr=subprocess.STDOUT)
+    if returncode != 0:
         get_run_logger().warning("dvc repro featurizer failed (see %s); each point runs its own", log)
 
 
@@ -202,7 +202,7 @@ def sweep(name: str, schedules: list[Schedule] | None = None, T: list[int] | Non
         experiment = load_params(root / "params.yaml").mlflow.experiment
     except ParamsError as e:
         return refused("sweep", e)
-    with project_root_env(root):
+    with project_root_env(root), interrupt.handling(f"sweep {name}"):
         return _run_sweep(root, name, axes, overrides, concurrency, deployment, points, experiment, reference,
                           devices)
 
@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as e:
         print(f"error: sweep: {e}", file=sys.stderr)
         return 2
+    interrupt.enable()  # Ctrl-C / SIGTERM: stop the points now, keep what a rerun resumes from
     state = sweep(args.name, args.schedules, args.T, overrides, args.concurrency, args.deployment, grid=grid,
                   seeds=args.seeds, reference=reference, devices=devices, return_state=True)
     print(state.message)

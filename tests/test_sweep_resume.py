@@ -1,7 +1,8 @@
 """Long runs survive (issue 21): a sweep killed with kill -9 of its whole process group, then run again with the
 same command, resumes the point's training from its checkpoint under the project root, ends bit-identical to an
 uninterrupted training, and leaves one FINISHED MLflow child per point, nothing RUNNING, and the killed Prefect
-flow run Crashed. A kill during `evaluate` reuses the trained model. Tiny digits project, one point per sweep."""
+flow run Crashed. Ctrl-C during `evaluate` stops the sweep at once (flows/interrupt.py) and a rerun reuses the
+trained model. Tiny digits project, one point per sweep."""
 
 import io
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -48,15 +50,25 @@ def rerun(folder: Path, cmd: list[str], prefect_home: Path) -> str:
     return done.stdout + done.stderr
 
 
-def kill_when(proc: subprocess.Popen, ready, what: str, seconds: float = 900) -> None:
-    """kill -9 of the sweep's whole process group (dvc, the stage, Prefect's server) once ready() holds."""
+def kill_when(proc: subprocess.Popen, ready, what: str, seconds: float = 900, sig: int = signal.SIGKILL) -> int:
+    """`sig` (kill -9; SIGINT is a terminal's Ctrl-C) to the sweep's whole process group (dvc, the stage,
+    Prefect's server) once ready() holds; the sweep's exit status."""
     end = time.time() + seconds
     while not ready():
         assert proc.poll() is None, f"the sweep ended ({proc.returncode}) before {what}"
         assert time.time() < end, f"no {what} after {seconds} s"
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(60)
+    os.killpg(proc.pid, sig)
+    return proc.wait(60)  # Ctrl-C included: raises TimeoutExpired if the sweep hangs (it did, before flows/interrupt)
+
+
+def processes_in(folder: Path) -> list[str]:
+    """Command lines of live processes working in `folder` (a point's DVC copy included)."""
+    found = []
+    for proc in psutil.process_iter(["cwd", "cmdline"]):
+        if proc.info["cwd"] and Path(proc.info["cwd"]).is_relative_to(folder):
+            found.append(" ".join(proc.info["cmdline"] or []))
+    return found
 
 
 def children(folder: Path, sweep: str):
@@ -123,7 +135,7 @@ def test_a_sweep_killed_in_training_resumes_bit_identically(project, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_killed_in_evaluate_reuses_the_trained_model(project, tmp_path):
+def test_ctrl_c_in_evaluate_stops_the_sweep_at_once_and_a_rerun_reuses_the_trained_model(project, tmp_path):
     home = tmp_path / "prefect"
     name, settings = "evalkill", ["train.steps=20", "train.seed=4"]
     killed = start(project, sweep_cmd(name, *settings), home, tmp_path / "first.log")
@@ -132,8 +144,13 @@ def test_a_sweep_killed_in_evaluate_reuses_the_trained_model(project, tmp_path):
         client, runs = mlflow_runs(project)
         return any(r.data.tags.get("ddpm.phase") == "evaluate" and r.info.status == "RUNNING" for r in runs)
 
-    kill_when(killed, evaluating, "a running evaluate")
-    rerun(project, sweep_cmd(name, *settings), home)
+    assert kill_when(killed, evaluating, "a running evaluate", sig=signal.SIGINT) == 128 + signal.SIGINT
+    first = (tmp_path / "first.log").read_text()
+    assert f"sweep {name}: SIGINT: stopping 1 running point process(es); run the same command again" in first
+    assert processes_in(project) == []  # the stage, dvc and Prefect's server all gone with it
+    out = rerun(project, sweep_cmd(name, *settings), home)
+    assert "1 of 1 points succeeded" in out
+    assert [s for (s,) in flow_run_states(home)] == ["CRASHED", "COMPLETED"]
     log = (project / "reports" / "sweeps" / name / "logs" / f"{name}-linear-t50.log").read_text()
     last = log[log.rfind("\n$ "):]
     assert "Stage 'train' is cached" in last and "Running stage 'train'" not in last  # no retraining

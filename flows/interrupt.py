@@ -1,0 +1,147 @@
+"""Ctrl-C (SIGINT) or SIGTERM to `python -m flows.sweep` / `python -m flows.study`: stop now, and keep what a
+rerun of the same command resumes from.
+
+Without this, the signal reached Prefect's temporary server (a child in the same process group, so Ctrl-C in a
+terminal stops it too) while the flow went on: running points finished or were retried, and the process then
+hung on the dead server, for minutes. Now the command's own handler, installed for the run of the flow:
+
+1. refuses to start any further `dvc` process (a retry of an interrupted point included);
+2. sends SIGINT to each running point's processes (`dvc exp run` and its stage: a training ends its MLflow run
+   KILLED, DVC removes its temporary copy), then SIGKILL to what is left after GRACE_S;
+3. ends this process's MLflow parent runs KILLED and their Prefect flow runs Crashed (where the Prefect server
+   still answers; else the next run of the command does), stops its other children (Prefect's temporary
+   server);
+4. prints one line and exits with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
+
+What was finished stays: experiments of finished points, training checkpoints (build/train_state/). A rerun
+of the same command reuses the finished points, continues a killed training from its last checkpoint and
+marks the killed Prefect flow run Crashed (flows/lifecycle.py), as after kill -9. A second Ctrl-C while
+stopping kills everything at once. Sweeps started from a Prefect deployment keep Prefect's own handling (only
+the command-line entry points call `enable`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Iterator
+
+GRACE_S = 20.0
+_procs: set[subprocess.Popen] = set()
+_lock = threading.RLock()  # the handler runs in the main thread, which may hold it (in `run`)
+_stopping = threading.Event()
+_enabled = False
+
+
+class Interrupted(RuntimeError):
+    """A point's process was not started (or was stopped) because the command is being interrupted."""
+
+
+def enable() -> None:
+    """Called by the command-line entry points: `handling` installs the handler from then on."""
+    global _enabled
+    _enabled = True
+
+
+def stopping() -> bool:
+    return _stopping.is_set()
+
+
+def run(cmd: list[str], **kwargs) -> int:
+    """subprocess.run(cmd, **kwargs).returncode, for a process the handler stops on an interrupt."""
+    with _lock:
+        if _stopping.is_set():
+            raise Interrupted(f"not started, the command is being interrupted: {' '.join(cmd[:6])}")
+        proc = subprocess.Popen(cmd, **kwargs)
+        _procs.add(proc)
+    try:
+        return proc.wait()
+    finally:
+        with _lock:
+            _procs.discard(proc)
+
+
+@contextlib.contextmanager
+def handling(what: str) -> Iterator[None]:
+    """SIGINT and SIGTERM stop `what` (e.g. "study NAME") as the module says, while the block runs; only after
+    `enable` and in the main thread (signal handlers can be set nowhere else). Installed inside the flow, so
+    it replaces Prefect's SIGTERM handler for the block and Prefect's is back afterwards."""
+    if not _enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = lambda signum, frame: _stop(what, signum)  # noqa: E731
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _stop(what: str, signum: int) -> None:
+    import psutil
+
+    if _stopping.is_set():  # a second signal while stopping: everything, now
+        _kill_all(psutil.Process().children(recursive=True), signal.SIGKILL)
+        os._exit(128 + signum)
+    with _lock:
+        _stopping.set()
+        points = list(_procs)
+    name = signal.Signals(signum).name
+    print(f"{what}: {name}: stopping {len(points)} running point process(es); run the same command again to "
+          "resume (finished points are reused, a killed training continues from its last checkpoint)",
+          file=sys.stderr, flush=True)
+    trees = [_tree(p.pid) for p in points]
+    _kill_all([q for tree in trees for q in tree], signal.SIGINT)
+    _, alive = psutil.wait_procs([q for tree in trees for q in tree], timeout=GRACE_S)
+    _kill_all(alive, signal.SIGKILL)
+    _end_runs(what, signum)
+    rest = psutil.Process().children(recursive=True)  # Prefect's temporary server, anything else of ours
+    _kill_all(rest, signal.SIGTERM)
+    _, alive = psutil.wait_procs(rest, timeout=5)
+    _kill_all(alive, signal.SIGKILL)
+    os._exit(128 + signum)
+
+
+def _tree(pid: int) -> list:
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    return []
+
+
+def _kill_all(procs: list, sig: int) -> None:
+    import psutil
+
+    for q in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            q.send_signal(sig)
+
+
+def _end_runs(what: str, signum: int, timeout: float = 10.0) -> None:
+    """This process's MLflow parent runs KILLED and the Prefect flow runs they name Crashed. Where the Prefect
+    server cannot be reached (Ctrl-C stopped the temporary one too) the parent stays RUNNING, with its owner
+    gone, so that the next run of the command ends both (flows/lifecycle.py), as after kill -9. In a thread,
+    with this context (Prefect's settings) and a timeout: the main thread may hold a lock the stores need."""
+    import contextvars
+
+    from flows.lifecycle import FLOW_RUN_TAG, crash_flow_runs
+    from pipeline import tracking
+
+    def end() -> None:
+        for run_id, live in list(tracking._PARENTS.items()):
+            with contextlib.suppress(Exception):
+                run = live.client.get_run(run_id)
+                flow_run = run.data.tags.get(FLOW_RUN_TAG)
+                message = f"{what} interrupted by {signal.Signals(signum).name}; run the same command to resume"
+                if not flow_run or crash_flow_runs([run], message):
+                    live.client.set_terminated(run_id, status="KILLED")
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(end,), daemon=True)
+    worker.start()
+    worker.join(timeout)

@@ -1,0 +1,87 @@
+"""Ctrl-C / SIGTERM to a sweep or study command (flows/interrupt.py): the command stops its points' processes,
+children of children included, prints one line and exits 128 + the signal at once; once stopping, nothing new
+starts and no point is retried. The end-to-end case (a real sweep, its MLflow and Prefect runs, the rerun) is in
+tests/test_sweep_resume.py."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from flows import interrupt
+from flows.points import PointError
+from flows.sweep import _retry_transient
+
+from project import ROOT
+
+# a command that runs a "point": a python child that starts a grandchild, both sleeping, pids in files
+COMMAND = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from flows import interrupt
+    out = Path(sys.argv[1])
+    child = ("import subprocess, sys, time; from pathlib import Path; "
+             "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+             "Path(sys.argv[1], 'grandchild').write_text(str(g.pid)); time.sleep(120)")
+    interrupt.enable()
+    with interrupt.handling("sweep demo"):
+        interrupt.run([sys.executable, "-c", child, str(out)])
+    print("not interrupted")
+""")
+
+
+def _started(out, proc, seconds=60):
+    end = time.time() + seconds
+    while not (out / "grandchild").exists():
+        assert proc.poll() is None and time.time() < end, proc.communicate()
+        time.sleep(0.1)
+    command = psutil.Process(proc.pid)
+    return [command.children()[0].pid, int((out / "grandchild").read_text())]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_point_processes_and_exits_at_once(tmp_path, sig):
+    proc = subprocess.Popen([sys.executable, "-c", COMMAND, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pids = _started(tmp_path, proc)
+    sent = time.time()
+    proc.send_signal(sig)  # to the command alone (kill PID); Ctrl-C in a terminal reaches the whole group
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig
+    assert time.time() - sent < interrupt.GRACE_S  # the points took SIGINT; no SIGKILL was needed
+    assert "not interrupted" not in out
+    name = signal.Signals(sig).name
+    assert f"sweep demo: {name}: stopping 1 running point process(es); run the same command again" in err
+    time.sleep(0.5)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_once_stopping_nothing_starts_and_no_point_is_retried(monkeypatch, tmp_path):
+    class Failed:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def result(self, raise_on_failure=False):
+            return self.exc
+
+    crash = Failed(PointError("dvc exp run exited with -9", transient=True))
+    assert _retry_transient(None, None, crash)
+    stopping = interrupt.threading.Event()
+    monkeypatch.setattr(interrupt, "_stopping", stopping)
+    stopping.set()
+    assert not _retry_transient(None, None, crash)
+    with pytest.raises(interrupt.Interrupted, match="not started"):
+        interrupt.run([sys.executable, "-c", f"open({str(tmp_path / 'ran')!r}, 'w')"])
+    assert not (tmp_path / "ran").exists()
+
+
+def test_without_enable_the_block_keeps_the_handlers_it_had():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with interrupt.handling("sweep demo"):  # a deployment's flow run: Prefect's handling stays
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
