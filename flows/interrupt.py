@@ -17,7 +17,7 @@ What was finished stays: experiments of finished points, training checkpoints (b
 of the same command reuses the finished points, continues a killed training from its last checkpoint and
 marks the killed Prefect flow run Crashed (flows/lifecycle.py), as after kill -9. A second Ctrl-C while
 stopping kills everything at once. Sweeps started from a Prefect deployment keep Prefect's own handling (only
-the command-line entry points call `enable`).
+the command-line entry points call `enabled`).
 """
 
 from __future__ import annotations
@@ -41,10 +41,15 @@ class Interrupted(RuntimeError):
     """A point's process was not started (or was stopped) because the command is being interrupted."""
 
 
-def enable() -> None:
-    """Called by the command-line entry points: `handling` installs the handler from then on."""
+@contextlib.contextmanager
+def enabled() -> Iterator[None]:
+    """Around the flow call of a command-line entry point: `handling` installs the handler within it."""
     global _enabled
     _enabled = True
+    try:
+        yield
+    finally:
+        _enabled = False
 
 
 def stopping() -> bool:
@@ -67,8 +72,8 @@ def run(cmd: list[str], **kwargs) -> int:
 
 @contextlib.contextmanager
 def handling(what: str) -> Iterator[None]:
-    """SIGINT and SIGTERM stop `what` (e.g. "study NAME") as the module says, while the block runs; only after
-    `enable` and in the main thread (signal handlers can be set nowhere else). Installed inside the flow, so
+    """SIGINT and SIGTERM stop `what` (e.g. "study NAME") as the module says, while the block runs; only within
+    `enabled` and in the main thread (signal handlers can be set nowhere else). Installed inside the flow, so
     it replaces Prefect's SIGTERM handler for the block and Prefect's is back afterwards."""
     if not _enabled or threading.current_thread() is not threading.main_thread():
         yield

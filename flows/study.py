@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as e:
         print(f"error: study: {e}", file=sys.stderr)
         return 2
-    interrupt.enable()  # Ctrl-C / SIGTERM: stop the points now, keep what a rerun resumes from
-    state = study(args.path, args.gpu, args.concurrency, devices=devices, return_state=True)
+    with interrupt.enabled():  # Ctrl-C / SIGTERM: stop the points now, keep what a rerun resumes from
+        state = study(args.path, args.gpu, args.concurrency, devices=devices, return_state=True)
     print(state.message)
     return 0 if state.is_completed() else 1
 

@@ -343,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as e:
         print(f"error: sweep: {e}", file=sys.stderr)
         return 2
-    interrupt.enable()  # Ctrl-C / SIGTERM: stop the points now, keep what a rerun resumes from
-    state = sweep(args.name, args.schedules, args.T, overrides, args.concurrency, args.deployment, grid=grid,
-                  seeds=args.seeds, reference=reference, devices=devices, return_state=True)
+    with interrupt.enabled():  # Ctrl-C / SIGTERM: stop the points now, keep what a rerun resumes from
+        state = sweep(args.name, args.schedules, args.T, overrides, args.concurrency, args.deployment, grid=grid,
+                      seeds=args.seeds, reference=reference, devices=devices, return_state=True)
     print(state.message)
     return 0 if state.is_completed() else 1
 

@@ -10,6 +10,7 @@ reason, unless DDPM_REQUIRE_BROWSER=1 (set by .ci/run), where that is an error.
 """
 
 import csv
+from datetime import datetime, timedelta, timezone
 import json
 import os
 from pathlib import Path
@@ -359,7 +360,11 @@ def test_a_scheduled_sweep_is_created_and_completes(tiny, served, tmp_path):
     served.stop()
     # steps 11: not a model of an earlier sweep here (a point restored whole from DVC's run-cache makes no run)
     defaults = {"name": "nightly", "schedules": ["linear"], "T": [50], "overrides": {"train": {"steps": 11}}}
-    again = Served(tiny, served.api, tmp_path / "serve-cron.log", "--cron", "* * * * *",
+    # one scheduled time, two minutes ahead (UTC, Prefect's default): "* * * * *" started a second run a minute
+    # later, which reopened the same MLflow parent (same sweep, same commit) and was killed by stop() while running
+    at = datetime.now(timezone.utc) + timedelta(minutes=2)
+    cron = f"{at.minute} {at.hour} {at.day} {at.month} *"
+    again = Served(tiny, served.api, tmp_path / "serve-cron.log", "--cron", cron,
                    "--parameters", json.dumps(defaults))
     try:
         assert ("ddpm-sweep/ddpm-sweep was stored with other default parameters (name, overrides); serving "

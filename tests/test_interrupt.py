@@ -29,8 +29,7 @@ COMMAND = textwrap.dedent("""
     child = ("import subprocess, sys, time; from pathlib import Path; "
              "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
              "Path(sys.argv[1], 'grandchild').write_text(str(g.pid)); time.sleep(120)")
-    interrupt.enable()
-    with interrupt.handling("sweep demo"):
+    with interrupt.enabled(), interrupt.handling("sweep demo"):
         interrupt.run([sys.executable, "-c", child, str(out)])
     print("not interrupted")
 """)
@@ -81,7 +80,13 @@ def test_once_stopping_nothing_starts_and_no_point_is_retried(monkeypatch, tmp_p
     assert not (tmp_path / "ran").exists()
 
 
-def test_without_enable_the_block_keeps_the_handlers_it_had():
+def test_handlers_only_within_enabled_and_the_old_ones_back_after():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with interrupt.handling("sweep demo"):  # a deployment's flow run: Prefect's handling stays
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with interrupt.enabled():
+        with interrupt.handling("sweep demo"):
+            assert signal.getsignal(signal.SIGINT) not in before and signal.getsignal(signal.SIGTERM) not in before
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with interrupt.handling("sweep demo"):  # not left enabled for later flows in this process (a test's main())
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
