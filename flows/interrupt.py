@@ -100,9 +100,9 @@ def _stop(what: str, signum: int) -> None:
     print(f"{what}: {name}: stopping {len(points)} running point process(es); run the same command again to "
           "resume (finished points are reused, a killed training continues from its last checkpoint)",
           file=sys.stderr, flush=True)
-    trees = [_tree(p.pid) for p in points]
-    _kill_all([q for tree in trees for q in tree], signal.SIGINT)
-    _, alive = psutil.wait_procs([q for tree in trees for q in tree], timeout=GRACE_S)
+    trees = [q for p in points for q in _tree(p.pid)]
+    _kill_all(trees, signal.SIGINT)
+    _, alive = psutil.wait_procs(trees, timeout=GRACE_S)
     _kill_all(alive, signal.SIGKILL)
     _end_runs(what, signum)
     rest = psutil.Process().children(recursive=True)  # Prefect's temporary server, anything else of ours
