@@ -16,8 +16,13 @@ hung on the dead server, for minutes. Now the command's own handler, installed f
 What was finished stays: experiments of finished points, training checkpoints (build/train_state/). A rerun
 of the same command reuses the finished points, continues a killed training from its last checkpoint and
 marks the killed Prefect flow run Crashed (flows/lifecycle.py), as after kill -9. A second Ctrl-C while
-stopping kills everything at once. Sweeps started from a Prefect deployment keep Prefect's own handling (only
-the command-line entry points call `enabled`).
+stopping kills everything at once.
+
+A run of a Prefect deployment (the UI's Run, a schedule, a worker's point) is stopped the same way when its
+runner cancels it: the runner sends SIGTERM to the flow run's process alone and SIGKILLs it 30 s later, which
+left the points' `dvc exp run` and stage processes running on, orphaned, to the end of the point. There the
+handler does 1 and 2, ends the MLflow parent runs KILLED and exits 143; the flow run's state is the runner's
+to set (Cancelled). Other callers of the flows (a test, a notebook) keep their own handlers.
 """
 
 from __future__ import annotations
@@ -70,15 +75,25 @@ def run(cmd: list[str], **kwargs) -> int:
             _procs.discard(proc)
 
 
+def _in_deployment_run() -> bool:
+    """Whether this is the process a Prefect runner or worker started for a flow run of a deployment."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return bool(ctx and ctx.flow_run and ctx.flow_run.deployment_id)
+
+
 @contextlib.contextmanager
 def handling(what: str) -> Iterator[None]:
-    """SIGINT and SIGTERM stop `what` (e.g. "study NAME") as the module says, while the block runs; only within
-    `enabled` and in the main thread (signal handlers can be set nowhere else). Installed inside the flow, so
-    it replaces Prefect's SIGTERM handler for the block and Prefect's is back afterwards."""
-    if not _enabled or threading.current_thread() is not threading.main_thread():
+    """SIGINT and SIGTERM stop `what` (e.g. "study NAME") as the module says, while the block runs: within
+    `enabled` (a command) or in a deployment's flow run, and in the main thread (signal handlers can be set
+    nowhere else). Installed inside the flow, so it replaces Prefect's SIGTERM handler for the block and
+    Prefect's is back afterwards."""
+    command = _enabled
+    if not (command or _in_deployment_run()) or threading.current_thread() is not threading.main_thread():
         yield
         return
-    handler = lambda signum, frame: _stop(what, signum)  # noqa: E731
+    handler = lambda signum, frame: _stop(what, signum, command)  # noqa: E731
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -87,7 +102,9 @@ def handling(what: str) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _stop(what: str, signum: int) -> None:
+def _stop(what: str, signum: int, command: bool = True) -> None:
+    """`command`: a command-line run, which also ends its Prefect flow runs (Crashed); a deployment's flow run
+    (False) leaves its state to the runner that stopped it."""
     import psutil
 
     if _stopping.is_set():  # a second signal while stopping: everything, now
@@ -97,14 +114,14 @@ def _stop(what: str, signum: int) -> None:
         _stopping.set()
         points = list(_procs)
     name = signal.Signals(signum).name
-    print(f"{what}: {name}: stopping {len(points)} running point process(es); run the same command again to "
-          "resume (finished points are reused, a killed training continues from its last checkpoint)",
-          file=sys.stderr, flush=True)
+    again = "the same command again" if command else "the deployment again with the same parameters"
+    print(f"{what}: {name}: stopping {len(points)} running point process(es); run {again} to resume (finished "
+          "points are reused, a killed training continues from its last checkpoint)", file=sys.stderr, flush=True)
     trees = [q for p in points for q in _tree(p.pid)]
     _kill_all(trees, signal.SIGINT)
     _, alive = psutil.wait_procs(trees, timeout=GRACE_S)
     _kill_all(alive, signal.SIGKILL)
-    _end_runs(what, signum)
+    _end_runs(what, signum, crash_flow_run=command)
     rest = psutil.Process().children(recursive=True)  # Prefect's temporary server, anything else of ours
     _kill_all(rest, signal.SIGTERM)
     _, alive = psutil.wait_procs(rest, timeout=5)
@@ -129,11 +146,12 @@ def _kill_all(procs: list, sig: int) -> None:
             q.send_signal(sig)
 
 
-def _end_runs(what: str, signum: int, timeout: float = 10.0) -> None:
-    """This process's MLflow parent runs KILLED and the Prefect flow runs they name Crashed. Where the Prefect
-    server cannot be reached (Ctrl-C stopped the temporary one too) the parent stays RUNNING, with its owner
-    gone, so that the next run of the command ends both (flows/lifecycle.py), as after kill -9. In a thread,
-    with this context (Prefect's settings) and a timeout: the main thread may hold a lock the stores need."""
+def _end_runs(what: str, signum: int, crash_flow_run: bool = True, timeout: float = 10.0) -> None:
+    """This process's MLflow parent runs KILLED and (`crash_flow_run`) the Prefect flow runs they name Crashed.
+    Where the Prefect server cannot be reached (Ctrl-C stopped the temporary one too) the parent stays RUNNING,
+    with its owner gone, so that the next run of the command ends both (flows/lifecycle.py), as after kill -9.
+    In a thread, with this context (Prefect's settings) and a timeout: the main thread may hold a lock the
+    stores need."""
     import contextvars
 
     from flows.lifecycle import FLOW_RUN_TAG, crash_flow_runs
@@ -145,7 +163,7 @@ def _end_runs(what: str, signum: int, timeout: float = 10.0) -> None:
                 run = live.client.get_run(run_id)
                 flow_run = run.data.tags.get(FLOW_RUN_TAG)
                 message = f"{what} interrupted by {signal.Signals(signum).name}; run the same command to resume"
-                if not flow_run or crash_flow_runs([run], message):
+                if not (crash_flow_run and flow_run) or crash_flow_runs([run], message, announce=False):
                     live.client.set_terminated(run_id, status="KILLED")
     worker = threading.Thread(target=contextvars.copy_context().run, args=(end,), daemon=True)
     worker.start()

@@ -39,9 +39,9 @@ def current_flow_run() -> str | None:
 KILLED_MESSAGE = "its process was killed; marked Crashed when the sweep ran again"
 
 
-def crash_flow_runs(runs: list, message: str = KILLED_MESSAGE) -> list[str]:
+def crash_flow_runs(runs: list, message: str = KILLED_MESSAGE, announce: bool = True) -> list[str]:
     """Set the Prefect flow runs that orphaned MLflow parent runs name (and their task runs) to Crashed, if they
-    are not final yet. Returns their ids."""
+    are not final yet, saying so in a line each (`announce`). Returns their ids."""
     ids = [r.data.tags[FLOW_RUN_TAG] for r in runs if r.data.tags.get(FLOW_RUN_TAG)]
     if not ids:
         return []
@@ -64,7 +64,7 @@ def crash_flow_runs(runs: list, message: str = KILLED_MESSAGE) -> list[str]:
                     client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
             if flow_run.state is not None and not flow_run.state.is_final():
                 client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
-                if message == KILLED_MESSAGE:
+                if announce:
                     print(f"sweep: flow run {flow_run.name} ({flow_run_id}) of a killed sweep marked Crashed")
                 done.append(str(flow_run_id))
     return done

@@ -289,9 +289,11 @@ def sweep_point(sweep: str, commit: str, axes: dict[str, Any], overrides: dict[s
                 parent_run_id: str = "") -> dict[str, Any]:
     """One point on a worker: check out `commit` in the worker's checkout ($DDPM_CHECKOUT), run the
     experiment, and push it to the Git remote `origin` and the default DVC remote."""
+    point = Point(tuple(axes.items()), tuple(sorted((overrides or {}).items())))
     try:
-        return _point_in_checkout(Path(os.environ.get("DDPM_CHECKOUT") or ".").resolve(), sweep, commit,
-                                  Point(tuple(axes.items()), tuple(sorted((overrides or {}).items()))), parent_run_id)
+        with interrupt.handling(f"point {point.exp_name(sweep)}"):  # a cancelled run stops its dvc processes
+            return _point_in_checkout(Path(os.environ.get("DDPM_CHECKOUT") or ".").resolve(), sweep, commit, point,
+                                      parent_run_id)
     except PointError as e:
         if e.transient:
             raise

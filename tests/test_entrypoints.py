@@ -9,6 +9,7 @@ The browser is Debian's chromium driven by Playwright; where it is missing the b
 reason, unless DDPM_REQUIRE_BROWSER=1 (set by .ci/run), where that is an error.
 """
 
+import contextlib
 import csv
 from datetime import datetime, timedelta, timezone
 import json
@@ -23,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 import yaml
 
@@ -244,6 +246,49 @@ def test_a_study_runs_from_its_deployment(tiny, served):
     parent, kids = children_of(tiny, "study", "tiny")
     assert parent.info.status == "FINISHED" and len(kids) == 2
     assert {k.data.params["sample.steps"] for k in kids} == {"5", "10"}
+
+
+def point_processes(project: Path) -> list[str]:
+    """The `dvc exp run` and stage processes working in the project (its temporary copies included)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            line = " ".join(p.info["cmdline"] or [])
+            if (p.status() != psutil.STATUS_ZOMBIE and p.cwd().startswith(str(project))
+                    and ("exp run" in line or "-m pipeline" in line)):
+                found.append(line[:100])
+    return found
+
+
+def test_a_run_cancelled_in_training_stops_its_points_and_runs_again_from_the_checkpoint(tiny, served):
+    """The UI's Cancel: the runner SIGTERMs the flow run's process alone (and SIGKILLs it 30 s later), which
+    left the point's `dvc exp run` and stage processes running on to the end of the point. Now they stop with
+    the flow run, the MLflow runs end KILLED, and running the deployment again continues the training."""
+    params = {"name": "cancelled", "schedules": ["linear"], "T": [50], "concurrency": 1,
+              "overrides": form_overrides(train={"steps": 300, "checkpoint_every": 20})}
+    states = tiny / "build" / "train_state"
+    before = set(states.glob("*.pt")) if states.exists() else set()
+    run_id = create_run(served, "ddpm-sweep", params)
+    end = time.time() + 600
+    while not (set(states.glob("*.pt")) - before if states.exists() else None):  # trained 20 steps or more
+        assert time.time() < end and call(served.api, "GET", f"/flow_runs/{run_id}")["state"]["type"] not in TERMINAL
+        time.sleep(1)
+    assert point_processes(tiny)
+    call(served.api, "POST", f"/flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING"}})
+    fr = wait_run(served.api, run_id, served.log, 120)
+    assert fr["state"]["type"] == "CANCELLED"
+    assert not point_processes(tiny)  # stopped by the flow (its line below), not orphaned by the runner's SIGKILL
+    assert "sweep cancelled: SIGTERM: stopping 1 running point process(es)" in served.log.read_text()
+    parent, kids = children_of(tiny, "sweep", "cancelled")
+    assert parent.info.status == "KILLED" and [k.info.status for k in kids] == ["KILLED"]
+    assert not list((tiny / ".dvc" / "tmp" / "exps" / "standalone").glob("tmp*"))  # DVC removed its copy
+
+    fr = wait_run(served.api, create_run(served, "ddpm-sweep", params), served.log)
+    assert fr["state"]["type"] == "COMPLETED" and fr["state"]["message"] == "1 of 1 points succeeded"
+    log = (tiny / "reports" / "sweeps" / "cancelled" / "logs").glob("*.log")
+    assert re.search(r"train: resumed from step [1-9]\d*0\b", "".join(f.read_text() for f in log))
+    parent, kids = children_of(tiny, "sweep", "cancelled")  # the same runs, continued
+    assert parent.info.status == "FINISHED" and [k.info.status for k in kids] == ["FINISHED"]
 
 
 def test_runs_that_cannot_work_are_refused_in_one_line(served):
