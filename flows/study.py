@@ -25,12 +25,13 @@ import yaml
 
 import flows  # noqa: F401  (telemetry off, server start-up time: before prefect is imported)
 
-from prefect import flow  # noqa: E402
+from prefect import flow, get_run_logger  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
 from flows import devices as gpus, interrupt, summary  # noqa: E402
 from flows.lifecycle import FLOW_RUN_TAG, crash_flow_runs, current_flow_run  # noqa: E402
 from flows.points import NAME_RE, Point, PointResult, git  # noqa: E402
+from flows.progress import Progress  # noqa: E402
 from flows.sweep import (  # noqa: E402
     check_sweep, log_differences, project_root_env, refused, submit_points, threads_per_point,
 )
@@ -212,10 +213,11 @@ def run_models_first(root: Path, name: str, points: list[Point], parent: str, co
     order = sorted(range(len(points)), key=lambda i: i not in first.values())
     phases = [[i for i in order if i in first.values()], [i for i in order if i not in first.values()]]
     done: dict[int, PointResult] = {}
+    progress = Progress(f"study {name}", len(points), get_run_logger())  # one count across both phases
     for phase in phases:
         if phase:
             done.update(zip(phase, submit_points(root, name, [points[i] for i in phase], parent, concurrency, None,
-                                                 devices)))
+                                                 devices, progress)))
     return [done[i] for i in range(len(points))]
 
 

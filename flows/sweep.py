@@ -29,11 +29,13 @@ import flows  # noqa: E402,F401  (telemetry off, server start-up time: before pr
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.futures import as_completed  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from flows import devices as gpus, interrupt, summary  # noqa: E402
 from flows.lifecycle import resumed_step, sweep_parent  # noqa: E402
+from flows.progress import Progress  # noqa: E402
 from flows.points import (  # noqa: E402
     NAME_RE, Point, PointError, PointResult, collect, combine_axes, dvc_cmd, execute, existing_exp, exp_ref, git,
     make_grid, parse_grid, parse_set, point_params_error, tool_env,
@@ -121,9 +123,10 @@ def warm_shared_stages(root: Path, name: str, grid: list[Point]) -> None:
 
 
 def submit_points(root: Path, name: str, grid: list[Point], parent: str, concurrency: int,
-                  deployment: str | None, devices: list[int] | None = None) -> list[PointResult]:
+                  deployment: str | None, devices: list[int] | None = None,
+                  progress: Progress | None = None) -> list[PointResult]:
     """Invalid points fail at once; the rest run, at most `concurrency` at a time (with `devices`: as many as
-    have their GPUs free)."""
+    have their GPUs free). `progress`: what counts the ended points (default: of this grid alone)."""
     logger = get_run_logger()
     commit = git(root, "rev-parse", "HEAD")
     results: dict[int, PointResult] = {}
@@ -132,6 +135,7 @@ def submit_points(root: Path, name: str, grid: list[Point], parent: str, concurr
     if concurrency > 1 and not deployment:
         warm_shared_stages(root, name, grid)
     pool = gpus.register(devices) if devices else ""
+    progress = progress or Progress(f"sweep {name}", len(grid), logger)
     with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
         for i, point in enumerate(grid):
             reason = point_params_error(root, point)
@@ -140,6 +144,7 @@ def submit_points(root: Path, name: str, grid: list[Point], parent: str, concurr
             if reason:
                 logger.error("%s cannot run: %s", point.label, reason)
                 results[i] = failed_result(point, name, reason)
+                progress.count("failed", log=False)  # said in the line above
             elif deployment:
                 pending.append((i, point, runner.submit(run_point_on_worker, {
                     "root": root, "sweep": name, "point": point, "parent_run_id": parent,
@@ -147,14 +152,17 @@ def submit_points(root: Path, name: str, grid: list[Point], parent: str, concurr
             else:
                 pending.append((i, point, runner.submit(run_point, {
                     "root": root, "sweep": name, "point": point, "parent_run_id": parent, "pool": pool})))
-        for i, point, future in pending:
-            future.wait()
+        submitted = {id(future): (i, point) for i, point, future in pending}
+        for future in as_completed([future for _, _, future in pending]):  # as they end, for the progress line
+            i, point = submitted[id(future)]
+            future.wait()  # keeps the final state (with its result) here; else .state asks the API, which has no result
             if future.state.is_completed():
                 results[i] = future.result()
             else:
                 exc = future.state.result(raise_on_failure=False)
                 logger.error("%s failed: %s", point.label, exc)
                 results[i] = failed_result(point, name, str(exc))
+            progress.count("failed" if results[i].status != "ok" else "reused" if results[i].cached else "computed")
     gpus.release(pool)
     return [results[i] for i in sorted(results)]  # grid order
 

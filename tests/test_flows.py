@@ -210,6 +210,16 @@ def exp_names(folder):
 
 
 @pytest.mark.slow
+def flow_run_log(flow_run_id) -> list[str]:
+    """The messages of a flow run's log, as the Prefect UI shows them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as pc:
+        logs = pc.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+    return [entry.message for entry in sorted(logs, key=lambda entry: entry.timestamp)]
+
+
 def test_two_by_two_sweep(harness, project, monkeypatch):
     from prefect.client.orchestration import get_client
     from flows.sweep import sweep
@@ -270,6 +280,13 @@ def test_two_by_two_sweep(harness, project, monkeypatch):
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert all(r["cached"] == "True" for r in rows)
     assert len(client.search_runs([parent.info.experiment_id], "tags.mlflow.parentRunId != ''")) == 4
+    # the progress line as each point ends, in each flow run's log
+    for ran, last in ((state, "4 of 4 points done (4 computed, 0 reused, 0 failed)"),
+                      (again, "4 of 4 points done (0 computed, 4 reused, 0 failed)")):
+        lines = [m for m in flow_run_log(ran.state_details.flow_run_id) if m.startswith("sweep grid: ")]
+        done = [m for m in lines if " points done " in m]
+        assert [m.split(" of ")[0] for m in done] == [f"sweep grid: {k}" for k in (1, 2, 3, 4)], lines
+        assert done[-1].startswith(f"sweep grid: {last} in "), done
 
 
 @pytest.mark.slow
