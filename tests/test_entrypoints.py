@@ -248,49 +248,6 @@ def test_a_study_runs_from_its_deployment(tiny, served):
     assert {k.data.params["sample.steps"] for k in kids} == {"5", "10"}
 
 
-def point_processes(project: Path) -> list[str]:
-    """The `dvc exp run` and stage processes working in the project (its temporary copies included)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            line = " ".join(p.info["cmdline"] or [])
-            if (p.status() != psutil.STATUS_ZOMBIE and p.cwd().startswith(str(project))
-                    and ("exp run" in line or "-m pipeline" in line)):
-                found.append(line[:100])
-    return found
-
-
-def test_a_run_cancelled_in_training_stops_its_points_and_runs_again_from_the_checkpoint(tiny, served):
-    """The UI's Cancel: the runner SIGTERMs the flow run's process alone (and SIGKILLs it 30 s later), which
-    left the point's `dvc exp run` and stage processes running on to the end of the point. Now they stop with
-    the flow run, the MLflow runs end KILLED, and running the deployment again continues the training."""
-    params = {"name": "cancelled", "schedules": ["linear"], "T": [50], "concurrency": 1,
-              "overrides": form_overrides(train={"steps": 300, "checkpoint_every": 20})}
-    states = tiny / "build" / "train_state"
-    before = set(states.glob("*.pt")) if states.exists() else set()
-    run_id = create_run(served, "ddpm-sweep", params)
-    end = time.time() + 600
-    while not (set(states.glob("*.pt")) - before if states.exists() else None):  # trained 20 steps or more
-        assert time.time() < end and call(served.api, "GET", f"/flow_runs/{run_id}")["state"]["type"] not in TERMINAL
-        time.sleep(1)
-    assert point_processes(tiny)
-    call(served.api, "POST", f"/flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING"}})
-    fr = wait_run(served.api, run_id, served.log, 120)
-    assert fr["state"]["type"] == "CANCELLED"
-    assert not point_processes(tiny)  # stopped by the flow (its line below), not orphaned by the runner's SIGKILL
-    assert "sweep cancelled: SIGTERM: stopping 1 running point process(es)" in served.log.read_text()
-    parent, kids = children_of(tiny, "sweep", "cancelled")
-    assert parent.info.status == "KILLED" and [k.info.status for k in kids] == ["KILLED"]
-    assert not list((tiny / ".dvc" / "tmp" / "exps" / "standalone").glob("tmp*"))  # DVC removed its copy
-
-    fr = wait_run(served.api, create_run(served, "ddpm-sweep", params), served.log)
-    assert fr["state"]["type"] == "COMPLETED" and fr["state"]["message"] == "1 of 1 points succeeded"
-    log = (tiny / "reports" / "sweeps" / "cancelled" / "logs").glob("*.log")
-    assert re.search(r"train: resumed from step [1-9]\d*0\b", "".join(f.read_text() for f in log))
-    parent, kids = children_of(tiny, "sweep", "cancelled")  # the same runs, continued
-    assert parent.info.status == "FINISHED" and [k.info.status for k in kids] == ["FINISHED"]
-
-
 def test_runs_that_cannot_work_are_refused_in_one_line(served):
     """A value out of its range never becomes a run (the server checks the form's schema); a run the flow
     cannot do ends Failed with one line saying why."""
@@ -375,7 +332,8 @@ def test_the_mlflow_ui_lists_a_sweeps_children_with_their_intervals(tiny, served
             assistant = page.get_by_role("button", name="Close")
             if assistant.count():
                 assistant.first.click()
-            page.get_by_role("button", name="Columns").click()
+            # the first *Columns* button: the table's dropdown (the page can show a second, e.g. an "add columns" link)
+            page.get_by_role("button", name="Columns").first.click()
             for metric in ("bpd", "bpd_ci_low", "bpd_ci_high"):
                 page.get_by_text(metric, exact=True).last.click()
             page.keyboard.press("Escape")
@@ -396,6 +354,50 @@ def test_the_mlflow_ui_lists_a_sweeps_children_with_their_intervals(tiny, served
         for metric in ("bpd", "bpd_ci_low", "bpd_ci_high"):
             value = k.data.metrics[metric]
             assert any(c.replace(".", "", 1).isdigit() and abs(float(c) - value) < 0.01 for c in cells), (metric, value)
+
+
+# --- the Prefect UI: Cancel -------------------------------------------------------------------------------
+def point_processes(project: Path) -> list[str]:
+    """The `dvc exp run` and stage processes working in the project (its temporary copies included)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            line = " ".join(p.info["cmdline"] or [])
+            if (p.status() != psutil.STATUS_ZOMBIE and p.cwd().startswith(str(project))
+                    and ("exp run" in line or "-m pipeline" in line)):
+                found.append(line[:100])
+    return found
+
+
+def test_a_run_cancelled_in_training_stops_its_points_and_runs_again_from_the_checkpoint(tiny, served):
+    """The UI's Cancel: the runner SIGTERMs the flow run's process alone (and SIGKILLs it 30 s later), which
+    left the point's `dvc exp run` and stage processes running on to the end of the point. Now they stop with
+    the flow run, the MLflow runs end KILLED, and running the deployment again continues the training."""
+    params = {"name": "cancelled", "schedules": ["linear"], "T": [50], "concurrency": 1,
+              "overrides": form_overrides(train={"steps": 300, "checkpoint_every": 20})}
+    states = tiny / "build" / "train_state"
+    before = set(states.glob("*.pt")) if states.exists() else set()
+    run_id = create_run(served, "ddpm-sweep", params)
+    end = time.time() + 600
+    while not (set(states.glob("*.pt")) - before if states.exists() else None):  # trained 20 steps or more
+        assert time.time() < end and call(served.api, "GET", f"/flow_runs/{run_id}")["state"]["type"] not in TERMINAL
+        time.sleep(1)
+    assert point_processes(tiny)
+    call(served.api, "POST", f"/flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING"}})
+    fr = wait_run(served.api, run_id, served.log, 120)
+    assert fr["state"]["type"] == "CANCELLED"
+    assert not point_processes(tiny)  # stopped by the flow (its line below), not orphaned by the runner's SIGKILL
+    assert "sweep cancelled: SIGTERM: stopping 1 running point process(es)" in served.log.read_text()
+    parent, kids = children_of(tiny, "sweep", "cancelled")
+    assert parent.info.status == "KILLED" and [k.info.status for k in kids] == ["KILLED"]
+    assert not list((tiny / ".dvc" / "tmp" / "exps" / "standalone").glob("tmp*"))  # DVC removed its copy
+
+    fr = wait_run(served.api, create_run(served, "ddpm-sweep", params), served.log)
+    assert fr["state"]["type"] == "COMPLETED" and fr["state"]["message"] == "1 of 1 points succeeded"
+    log = (tiny / "reports" / "sweeps" / "cancelled" / "logs").glob("*.log")
+    assert re.search(r"train: resumed from step [1-9]\d*0\b", "".join(f.read_text() for f in log))
+    parent, kids = children_of(tiny, "sweep", "cancelled")  # the same runs, continued
+    assert parent.info.status == "FINISHED" and [k.info.status for k in kids] == ["FINISHED"]
 
 
 # --- the Prefect UI: a scheduled sweep --------------------------------------------------------------------

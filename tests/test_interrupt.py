@@ -118,7 +118,8 @@ def test_a_cancelled_deployment_run_leaves_its_flow_run_state_to_the_runner(monk
             self.ended.append((run_id, status))
 
     crashed = []
-    monkeypatch.setattr(lifecycle, "crash_flow_runs", lambda runs, message, announce: crashed.append((message, announce)) or ["fr-1"])
+    monkeypatch.setattr(lifecycle, "crash_flow_runs",
+                        lambda runs, message, announce: crashed.append((message, announce)) or ["fr-1"])
     client = Client()
     monkeypatch.setattr(tracking, "_PARENTS", {"run-1": type("Live", (), {"client": client})()})
     interrupt._end_runs("sweep demo", signal.SIGTERM, crash_flow_run=False)
