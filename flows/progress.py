@@ -26,8 +26,8 @@ class Progress:
         return (f"{self.what}: {done} of {self.total} points done ({c['computed']} computed, {c['reused']} "
                 f"reused, {c['failed']} failed) in {duration(time.perf_counter() - self.start)}")
 
-    def count(self, kind: str, log: bool = True) -> None:
-        """One more point ended `kind` ("computed", "reused" or "failed"), and (`log`) the line."""
-        self.counts[kind] += 1
+    def ended(self, result, log: bool = True) -> None:
+        """One more point ended with `result` (a PointResult: failed, reused or computed), and (`log`) the line."""
+        self.counts["failed" if result.status != "ok" else "reused" if result.cached else "computed"] += 1
         if log:
             self.logger.info(self.line())

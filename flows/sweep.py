@@ -144,7 +144,7 @@ def submit_points(root: Path, name: str, grid: list[Point], parent: str, concurr
             if reason:
                 logger.error("%s cannot run: %s", point.label, reason)
                 results[i] = failed_result(point, name, reason)
-                progress.count("failed", log=False)  # said in the line above
+                progress.ended(results[i], log=False)  # said in the line above
             elif deployment:
                 pending.append((i, point, runner.submit(run_point_on_worker, {
                     "root": root, "sweep": name, "point": point, "parent_run_id": parent,
@@ -162,7 +162,7 @@ def submit_points(root: Path, name: str, grid: list[Point], parent: str, concurr
                 exc = future.state.result(raise_on_failure=False)
                 logger.error("%s failed: %s", point.label, exc)
                 results[i] = failed_result(point, name, str(exc))
-            progress.count("failed" if results[i].status != "ok" else "reused" if results[i].cached else "computed")
+            progress.ended(results[i])
     gpus.release(pool)
     return [results[i] for i in sorted(results)]  # grid order
 

@@ -1,5 +1,6 @@
 """The sweep's progress line (flows/progress.py); a real sweep's lines are checked in tests/test_flows.py."""
 
+from flows.points import PointResult
 from flows.progress import Progress, duration
 
 
@@ -14,9 +15,9 @@ class Log:
 def test_each_ended_point_is_a_line_with_the_counts_so_far():
     log = Log()
     progress = Progress("sweep grid", 3, log)
-    progress.count("failed", log=False)  # a point refused before it ran: its own error line says so
-    progress.count("reused")
-    progress.count("computed")
+    progress.ended(PointResult({}, "failed", "a"), log=False)  # refused before it ran: its own line says so
+    progress.ended(PointResult({}, "ok", "b", cached=True))
+    progress.ended(PointResult({}, "ok", "c"))
     assert [line.split(" in ")[0] for line in log.lines] == [
         "sweep grid: 2 of 3 points done (0 computed, 1 reused, 1 failed)",
         "sweep grid: 3 of 3 points done (1 computed, 1 reused, 1 failed)"]
