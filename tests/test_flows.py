@@ -209,7 +209,6 @@ def exp_names(folder):
     return set(exp_refs(folder))
 
 
-@pytest.mark.slow
 def flow_run_log(flow_run_id) -> list[str]:
     """The messages of a flow run's log, as the Prefect UI shows them."""
     from prefect.client.orchestration import get_client
@@ -220,6 +219,7 @@ def flow_run_log(flow_run_id) -> list[str]:
     return [entry.message for entry in sorted(logs, key=lambda entry: entry.timestamp)]
 
 
+@pytest.mark.slow
 def test_two_by_two_sweep(harness, project, monkeypatch):
     from prefect.client.orchestration import get_client
     from flows.sweep import sweep
