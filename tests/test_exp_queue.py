@@ -4,22 +4,27 @@ A one-stage DVC project whose stage logs (its param, CUDA_VISIBLE_DEVICES) to a 
 eight points run four at a time, each with its own CUDA_VISIBLE_DEVICES, through flows.points.run_experiment
 (flows/exp_one.py: DVC's `exp run --temp` that runs only its own queue entry). Plain `dvc exp run --temp`
 processes pop each other's entries from the shared temporary queue (see flows/exp_one.py); that is what
-`reproduce_duplication` below measures (not a test: a race is seen only sometimes)."""
+`reproduce_duplication` below measures (not a test: a race is seen only sometimes). A killed point's temporary
+copy is removed by the next point, a live one's never."""
 
 from concurrent.futures import ThreadPoolExecutor
 import os
 from pathlib import Path
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from flows.exp_one import OWNER, remove_dead
 from flows.points import Point, dvc_cmd, existing_exp, git, run_experiment, tool_env
-from tests.project import run
+from tests.project import ROOT, run
 
 STAGE = """import os, sys, time
 p = open("params.yaml").read().split(":")[1].strip()
-time.sleep(1.0)
+time.sleep(float(os.environ.get("STAGE_SECONDS", "1")))
 with open(os.environ["QUEUE_TEST_LOG"], "a") as f:
     f.write(f"{p} {os.environ.get('CUDA_VISIBLE_DEVICES')}\\n")
 open("out.txt", "w").write(p)
@@ -65,6 +70,58 @@ def test_concurrent_points_each_run_once_under_their_own_environment(tmp_path):
     baseline = git(folder, "rev-parse", "HEAD")
     assert all(existing_exp(folder, baseline, f"pt{k}") for k in range(8))
     assert not git(folder, "stash", "list", check=False)
+    assert not list((folder / ".dvc" / "tmp" / "exps" / "standalone").glob("tmp*"))  # no copy, no owner file left
+
+
+OWN = "import sys, time; from flows.exp_one import own; own(sys.argv[1]); print('owned', flush=True); time.sleep(60)"
+
+
+def test_only_the_copies_of_dead_runs_are_removed(tmp_path):
+    """A copy whose owner process lives stays; one whose owner was killed goes; one without an owner file (plain
+    `dvc exp run --temp`) stays; an owner that ends normally after DVC removed its copy removes its owner file."""
+    live, dead, plain, done = (tmp_path / name for name in ("tmplive", "tmpdead", "tmpplain", "tmpdone"))
+    for copy in (live, dead, plain, done):
+        (copy / "build").mkdir(parents=True)
+        (copy / "build" / "model.pt").write_bytes(b"x" * 1000)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    owners = {c: subprocess.Popen([sys.executable, "-c", OWN, str(c)], stdout=subprocess.PIPE, text=True, env=env)
+              for c in (live, dead)}
+    try:
+        assert all(p.stdout.readline() == "owned\n" for p in owners.values())
+        finished = "import shutil, sys; from flows.exp_one import own; own(sys.argv[1]); shutil.rmtree(sys.argv[1])"
+        subprocess.run([sys.executable, "-c", finished, str(done)], env=env, check=True)
+        owners[dead].send_signal(signal.SIGKILL)
+        owners[dead].wait()
+        assert remove_dead(tmp_path) == [(dead, 1000)]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["tmplive", "tmplive" + OWNER, "tmpplain"]
+    finally:
+        owners[live].kill()
+        owners[live].wait()
+    assert remove_dead(tmp_path) == [(live, 1000)] and [p.name for p in tmp_path.iterdir()] == ["tmpplain"]
+
+
+@pytest.mark.slow
+def test_the_next_point_removes_a_killed_points_copy(tmp_path):
+    folder = tiny_dvc_project(tmp_path / "proj")
+    copies = folder / ".dvc" / "tmp" / "exps" / "standalone"
+    env = tool_env({"QUEUE_TEST_LOG": str(tmp_path / "stage.log"), "STAGE_SECONDS": "120"})
+    cmd = [sys.executable, "-m", "flows.exp_one", "exp", "run", "--temp", "--name", "killed", "-S", "p=1"]
+    killed = subprocess.Popen(cmd, cwd=folder, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    end = time.time() + 120
+    while not list(copies.glob("tmp*" + OWNER)):  # DVC made the copy and handed it to the process
+        assert killed.poll() is None and time.time() < end, "no copy of the killed point"
+        time.sleep(0.2)
+    time.sleep(2)  # its stage runs (and sleeps)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    (left,) = [p for p in copies.glob("tmp*") if not p.name.endswith(OWNER)]
+    assert (copies / (left.name + OWNER)).exists()
+    log = tmp_path / "next.log"
+    run_experiment(folder, Point((("p", 2),)), "next", log, tool_env({"QUEUE_TEST_LOG": str(tmp_path / "stage.log")}))
+    said = rf"removed \.dvc/tmp/exps/standalone/{left.name} \(\d+ [kM]B\), the temporary copy of a killed experiment"
+    assert re.search(said, log.read_text())
+    assert not list(copies.glob("tmp*"))
 
 
 def reproduce_duplication(rounds: int = 5, n: int = 8, concurrency: int = 4, modes: str = "plain,fixed") -> None:

@@ -104,8 +104,11 @@ def test_a_sweep_killed_in_training_resumes_bit_identically(project, tmp_path):
     assert [s for (s,) in flow_run_states(home)] == ["RUNNING"]
     _, runs = mlflow_runs(project)
     assert {r.info.status for r in runs} == {"RUNNING"}  # the parent and the point's run, with nothing behind them
+    copies = project / ".dvc" / "tmp" / "exps" / "standalone"
+    assert len(list(copies.glob("tmp*.owner"))) == 1  # the killed point's DVC copy, which the rerun removes
 
     out = rerun(project, sweep_cmd("long", *LONG), home)
+    assert not list(copies.glob("tmp*"))
     step = int(re.search(r"linear, T = 50: training resumed from step (\d+)", out).group(1))
     assert 0 < step < 150 and step % 25 == 0
     assert "1 of 1 points succeeded" in out and "of a killed sweep marked Crashed" in out
