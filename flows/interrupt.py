@@ -23,6 +23,9 @@ runner cancels it: the runner sends SIGTERM to the flow run's process alone and 
 left the points' `dvc exp run` and stage processes running on, orphaned, to the end of the point. There the
 handler does 1 and 2, ends the MLflow parent runs KILLED and exits 143; the flow run's state is the runner's
 to set (Cancelled). Other callers of the flows (a test, a notebook) keep their own handlers.
+
+Points that run on a work pool (`--deployment`) are flow runs of their own, in a worker's process: stopping
+the sweep asks Prefect to cancel each of them (Cancelling), and their worker stops them as a runner does.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Iterator
 
 GRACE_S = 20.0
 _procs: set[subprocess.Popen] = set()
+_remote: set = set()  # ids of the points' flow runs on a work pool
 _lock = threading.RLock()  # the handler runs in the main thread, which may hold it (in `run`)
 _stopping = threading.Event()
 _enabled = False
@@ -73,6 +77,45 @@ def run(cmd: list[str], **kwargs) -> int:
     finally:
         with _lock:
             _procs.discard(proc)
+
+
+@contextlib.contextmanager
+def on_worker(what: str, flow_run_id) -> Iterator[None]:
+    """While a point's flow run on a work pool runs: stopping `what` cancels it."""
+    with _lock:
+        _remote.add(flow_run_id)
+        stopped = _stopping.is_set()
+    try:
+        if stopped:  # created just as the command was being interrupted: the handler did not see it
+            _cancel_remote(what, [flow_run_id], "interrupted")
+            raise Interrupted(f"flow run {flow_run_id} cancelled, the command is being interrupted")
+        yield
+    finally:
+        with _lock:
+            _remote.discard(flow_run_id)
+
+
+def _cancel_remote(what: str, flow_run_ids: list, why: str, timeout: float = 10.0) -> None:
+    """Set the flow runs Cancelling, which their workers act on; in a thread, as `_end_runs`."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    def cancel() -> None:
+        with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+            for flow_run_id in flow_run_ids:
+                with contextlib.suppress(Exception):
+                    client.set_flow_run_state(flow_run_id, Cancelling(message=f"{what} {why}"), force=True)
+    _in_thread(cancel, timeout)
+
+
+def _in_thread(fn, timeout: float) -> None:
+    """fn() in a thread with this context (Prefect's settings), for at most `timeout` s: the main thread, where
+    the handler runs, may hold a lock that the clients need."""
+    import contextvars
+
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(fn,), daemon=True)
+    worker.start()
+    worker.join(timeout)
 
 
 def _in_deployment_run() -> bool:
@@ -112,11 +155,15 @@ def _stop(what: str, signum: int, command: bool = True) -> None:
         os._exit(128 + signum)
     with _lock:
         _stopping.set()
-        points = list(_procs)
+        points, remote = list(_procs), list(_remote)
     name = signal.Signals(signum).name
     again = "the same command again" if command else "the deployment again with the same parameters"
-    print(f"{what}: {name}: stopping {len(points)} running point process(es); run {again} to resume (finished "
-          "points are reused, a killed training continues from its last checkpoint)", file=sys.stderr, flush=True)
+    on_pool = f" and cancelling {len(remote)} point flow run(s) on the work pool" if remote else ""
+    print(f"{what}: {name}: stopping {len(points)} running point process(es){on_pool}; run {again} to resume "
+          "(finished points are reused, a killed training continues from its last checkpoint)", file=sys.stderr,
+          flush=True)
+    if remote:
+        _cancel_remote(what, remote, f"interrupted by {name}")
     trees = [q for p in points for q in _tree(p.pid)]
     _kill_all(trees, signal.SIGINT)
     _, alive = psutil.wait_procs(trees, timeout=GRACE_S)
@@ -150,10 +197,7 @@ def _end_runs(what: str, signum: int, crash_flow_run: bool = True, timeout: floa
     """This process's MLflow parent runs KILLED and (`crash_flow_run`) the Prefect flow runs they name Crashed.
     Where the Prefect server cannot be reached (Ctrl-C stopped the temporary one too) the parent stays RUNNING,
     with its owner gone, so that the next run of the command ends both (flows/lifecycle.py), as after kill -9.
-    In a thread, with this context (Prefect's settings) and a timeout: the main thread may hold a lock the
-    stores need."""
-    import contextvars
-
+    In a thread (`_in_thread`)."""
     from flows.lifecycle import FLOW_RUN_TAG, crash_flow_runs
     from pipeline import tracking
 
@@ -165,6 +209,4 @@ def _end_runs(what: str, signum: int, crash_flow_run: bool = True, timeout: floa
                 message = f"{what} interrupted by {signal.Signals(signum).name}; run the same command to resume"
                 if not (crash_flow_run and flow_run) or crash_flow_runs([run], message, announce=False):
                     live.client.set_terminated(run_id, status="KILLED")
-    worker = threading.Thread(target=contextvars.copy_context().run, args=(end,), daemon=True)
-    worker.start()
-    worker.join(timeout)
+    _in_thread(end, timeout)

@@ -90,18 +90,36 @@ def run_point_on_worker(root: Path, sweep: str, point: Point, parent_run_id: str
     rev = existing_exp(root, commit, point.exp_name(sweep))
     if rev:  # pulled by an earlier sweep: nothing to run
         return collect(root, point, point.exp_name(sweep), rev, True, time.perf_counter() - start)
+    if interrupt.stopping():
+        raise PointError("not started, the sweep is being interrupted", transient=False)
     fr = run_deployment(deployment, parameters={
         "sweep": sweep, "commit": commit, "axes": dict(point.axes), "overrides": dict(point.overrides),
-        "parent_run_id": parent_run_id}, timeout=None, poll_interval=2)
-    if not fr.state.is_completed():
+        "parent_run_id": parent_run_id}, timeout=0)
+    try:
+        with interrupt.on_worker(f"sweep {sweep}", fr.id):
+            fr = finished_flow_run(fr.id)
+    except interrupt.Interrupted as e:
+        raise PointError(str(e), transient=False) from None
+    if not fr.state.is_completed():  # cancelled (in the UI, or by stopping the sweep) is not retried
         message = fr.state.message or fr.state.name
-        raise PointError(f"flow run {fr.name} {fr.state.name}: {message}", transient=NO_RETRY not in message)
+        transient = NO_RETRY not in message and not fr.state.is_cancelled()
+        raise PointError(f"flow run {fr.name} {fr.state.name}: {message}", transient=transient)
     out = subprocess.run(dvc_cmd("exp", "pull", "origin", ref), cwd=root, env=tool_env(), capture_output=True,
                          text=True)
     if out.returncode != 0:
         raise PointError(f"dvc exp pull origin {ref} failed: {out.stderr.strip()[-400:]}", transient=True)
     rev = git(root, "rev-parse", ref + "^{commit}")
     return collect(root, point, point.exp_name(sweep), rev, False, time.perf_counter() - start)
+
+
+def finished_flow_run(flow_run_id, poll_s: float = 2.0):
+    """The flow run, once it is in a final state (Completed, Failed, Crashed, Cancelled)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        while not (fr := client.read_flow_run(flow_run_id)).state or not fr.state.is_final():
+            time.sleep(poll_s)
+    return fr
 
 
 def failed_result(point: Point, sweep: str, reason: str, seconds: float = 0.0) -> PointResult:

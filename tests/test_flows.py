@@ -4,6 +4,7 @@ import csv
 import json
 import re
 from pathlib import Path
+import signal
 import subprocess
 import sys
 import time
@@ -300,6 +301,43 @@ def test_failing_points_leave_the_others_intact(harness, project, monkeypatch):
     assert rows["50"]["status"] == "ok" and float(rows["50"]["bpd"]) > 0
     assert rows["10"]["status"] == "failed" and "diffusion.T = 10" in rows["10"]["reason"]
     assert "bad-linear-t50" in exp_names(project)
+
+
+# a sweep command with one point running on a work pool (its flow run id in argv[1]), waiting to be interrupted
+ON_WORKER = """import sys, time
+from flows import interrupt
+with interrupt.enabled(), interrupt.handling("sweep demo"), interrupt.on_worker("sweep demo", sys.argv[1]):
+    print("running", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_stopping_a_sweep_cancels_its_points_on_the_work_pool(harness):
+    """Ctrl-C (or Cancel in the UI) of a `--deployment` sweep: the points' flow runs, which run in workers'
+    processes, go Cancelling (their workers then stop them); a flow run of another sweep is left alone."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Running
+
+    @flow(name="ddpm-sweep-point")
+    def point():
+        pass
+
+    with get_client(sync_client=True) as client:
+        mine, other = (client.create_flow_run(point, state=Running()).id for _ in range(2))
+        env = tool_env({"PREFECT_API_URL": PREFECT_API_URL.value()})
+        sweep = subprocess.Popen([sys.executable, "-c", ON_WORKER, str(mine)], cwd=ROOT, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert sweep.stdout.readline() == "running\n", sweep.communicate()
+        sweep.send_signal(signal.SIGINT)
+        _, err = sweep.communicate(timeout=60)
+        assert sweep.returncode == 130, err
+        assert "and cancelling 1 point flow run(s) on the work pool" in err
+        cancelled = client.read_flow_run(mine).state
+        assert cancelled.is_cancelling() and cancelled.message == "sweep demo interrupted by SIGINT"
+        assert client.read_flow_run(other).state.is_running()
 
 
 @pytest.mark.slow
