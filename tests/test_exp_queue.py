@@ -68,7 +68,10 @@ def test_concurrent_points_each_run_once_under_their_own_environment(tmp_path):
     ran = run_points(folder, 8, 4, plain_dvc=False)
     assert sorted(ran, key=lambda r: int(r[0])) == [(str(k), str(k)) for k in range(8)], ran
     baseline = git(folder, "rev-parse", "HEAD")
-    assert all(existing_exp(folder, baseline, f"pt{k}") for k in range(8))
+    missing = [k for k in range(8) if not existing_exp(folder, baseline, f"pt{k}")]
+    # seen once in six runs on a loaded machine: a point's stage ran and dvc exited 0 without its experiment
+    # (a sweep retries such a point: flows/points.py execute); its log says how far it got
+    assert not missing, "\n".join((folder.parent / f"pt{k}.log").read_text()[-1500:] for k in missing)
     assert not git(folder, "stash", "list", check=False)
     assert not list((folder / ".dvc" / "tmp" / "exps" / "standalone").glob("tmp*"))  # no copy, no owner file left
 
