@@ -100,16 +100,22 @@ def run_point_on_worker(root: Path, sweep: str, point: Point, parent_run_id: str
             fr = finished_flow_run(fr.id)
     except interrupt.Interrupted as e:
         raise PointError(str(e), transient=False) from None
-    if not fr.state.is_completed():  # cancelled (in the UI, or by stopping the sweep) is not retried
-        message = fr.state.message or fr.state.name
-        transient = NO_RETRY not in message and not fr.state.is_cancelled()
-        raise PointError(f"flow run {fr.name} {fr.state.name}: {message}", transient=transient)
+    if not fr.state.is_completed():
+        raise worker_point_error(fr.name, fr.state)
     out = subprocess.run(dvc_cmd("exp", "pull", "origin", ref), cwd=root, env=tool_env(), capture_output=True,
                          text=True)
     if out.returncode != 0:
         raise PointError(f"dvc exp pull origin {ref} failed: {out.stderr.strip()[-400:]}", transient=True)
     rev = git(root, "rev-parse", ref + "^{commit}")
     return collect(root, point, point.exp_name(sweep), rev, False, time.perf_counter() - start)
+
+
+def worker_point_error(name: str, state) -> PointError:
+    """Why a point's flow run on a worker did not complete; retried unless running it again cannot help (a
+    failure its flow marked not retried) or someone cancelled it (in the UI, or by stopping the sweep)."""
+    message = state.message or state.name
+    transient = NO_RETRY not in message and not state.is_cancelled()
+    return PointError(f"flow run {name} {state.name}: {message}", transient=transient)
 
 
 def finished_flow_run(flow_run_id, poll_s: float = 2.0):

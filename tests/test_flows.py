@@ -112,6 +112,18 @@ def test_expected_stage_errors_are_not_retried_and_crashes_are():
     assert e.transient and "killed by signal 9" in str(e)
 
 
+def test_a_point_cancelled_on_its_worker_is_not_retried_and_a_crashed_one_is():
+    from prefect.states import Cancelled, Crashed, Failed
+
+    from flows.sweep import NO_RETRY, worker_point_error
+
+    cancelled = worker_point_error("red-fox", Cancelled(message="sweep s interrupted by SIGINT"))
+    assert not cancelled.transient and str(cancelled) == "flow run red-fox Cancelled: sweep s interrupted by SIGINT"
+    assert not worker_point_error("red-fox", Failed(message=f"{NO_RETRY} error: train: loss is nan")).transient
+    assert worker_point_error("red-fox", Crashed(message="Flow run infrastructure exited with status 1")).transient
+    assert worker_point_error("red-fox", Failed()).transient
+
+
 def result(schedule, T, bpd, fid, status="ok", seed=None, shift=0.0):
     """A point whose 40 per-image bounds are bpd + noise (common to all points: paired) and whose samples'
     features are the reference's shifted by `shift`."""
