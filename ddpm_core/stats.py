@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
-from scipy import stats as sps
 
 LEVEL = 0.95
 
@@ -39,6 +38,8 @@ class Estimate:
 
 def t_quantile(dof: float) -> float:
     """Two-sided 95% quantile of Student's t (the normal's 1.96 when dof is infinite)."""
+    from scipy import stats as sps  # here, not at the top: scipy.stats takes 1-2 s to import, and every stage
+    # process imports this module (params -> elbo_mc) while only evaluate and the reports compute an interval
     return float(sps.t.ppf(0.5 + LEVEL / 2, dof)) if np.isfinite(dof) else float(sps.norm.ppf(0.5 + LEVEL / 2))
 
 

@@ -26,6 +26,8 @@ import shutil
 import sys
 import tempfile
 
+from pipeline.checkpoints import size_text
+
 OWNER = ".owner"
 
 
@@ -93,8 +95,7 @@ def own_entries_only() -> None:
             raise DvcException(f"queued experiment {entry.name or entry.stash_rev[:7]} was taken from DVC's "
                                f"temporary queue by another process")
         for copy, size in remove_dead(self._standalone_tmp_dir):
-            amount = f"{size / 1e6:.0f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
-            print(f"removed {os.path.relpath(copy)} ({amount}), the temporary copy of a killed experiment",
+            print(f"removed {os.path.relpath(copy)} ({size_text(size)}), the temporary copy of a killed experiment",
                   file=sys.stderr)
         executor = self.init_executor(self.repo.experiments, entry, TempDirExecutor, wdir=self._standalone_tmp_dir)
         own(executor.root_dir)

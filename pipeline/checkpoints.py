@@ -15,7 +15,8 @@ from . import scratch
 from .paths import scratch_dir
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
+    """Bytes as people read them: '812 B', '3.4 kB', '18.1 MB' (powers of 1000)."""
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -51,13 +52,13 @@ def show(entries: list[scratch.Entry]) -> None:
         print(f"no scratch checkpoints in {scratch_dir()}")
         return
     statuses = run_statuses([e.run_id for e in entries])
-    print(f"{len(entries)} scratch checkpoint(s) in {scratch_dir()}, {_size(sum(e.size for e in entries))} in all; "
+    print(f"{len(entries)} scratch checkpoint(s) in {scratch_dir()}, {size_text(sum(e.size for e in entries))} in all; "
           f"the training of each resumes from it when it runs again:")
     print(f"  {'name':<22} {'step':>11} {'size':>9} {'age':>7}  MLflow run")
     for e in entries:
         step = f"{e.step}/{e.steps}" if e.step is not None else "none yet"
         run = f"{e.run_id} {statuses.get(e.run_id, '')}".strip() or "-"
-        print(f"  {e.name:<22} {step:>11} {_size(e.size):>9} {_age(e.age_s):>7}  {run}"
+        print(f"  {e.name:<22} {step:>11} {size_text(e.size):>9} {_age(e.age_s):>7}  {run}"
               f"{'  (training now)' if e.in_use else ''}")
     print("remove those that will never resume: python -m pipeline checkpoints --remove NAME ... (or --remove-all)")
 
@@ -84,7 +85,7 @@ def main(argv: list[str]) -> int:
                 scratch.remove(lock.stem)
     kept = [e.name for e in chosen if not scratch.remove(e.name)]
     freed = sum(e.size for e in chosen if e.name not in kept)
-    print(f"removed {len(chosen) - len(kept)} scratch checkpoint(s), {_size(freed)}"
+    print(f"removed {len(chosen) - len(kept)} scratch checkpoint(s), {size_text(freed)}"
           + (f"; kept {', '.join(kept)}: a process is training it now" if kept else ""))
     run_statuses([e.run_id for e in chosen])  # their runs, orphaned for good, are marked KILLED
     return 0
