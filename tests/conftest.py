@@ -5,11 +5,18 @@ import torch
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# One torch thread per process, in this process and in every process a test starts (a served model, a script):
+# the same numbers on any machine, and no oversubscription when scripts/test.sh runs two workers on two cores.
+# With two threads in each worker, two in-process trainings side by side took 121 s against 27 s for one
+# alone; with one thread each, two take as long as one (measured on this 2-core machine, 2026-12-02).
+# Stage processes set their own (train.threads; the tests' projects use 1).
+os.environ["OMP_NUM_THREADS"] = "1"
+THREADS = 1
 
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     yield
 
 

@@ -140,7 +140,7 @@ sys.path.insert(0, {root!r})
 from ddpm_core.schedules import NoiseSchedule
 from ddpm_core.train import TrainConfig, train
 from tests.helpers import digits_images, tiny_unet
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # as tests/conftest.py: no oversubscription beside the other test worker
 extra = {extra!r}
 cfg = TrainConfig(steps=60, batch_size=32, lr=2e-3, warmup_steps=5, checkpoint_every=3, log_every=1, seed=3,
                   **extra)
