@@ -484,23 +484,6 @@ def point_log_span(log: Path) -> tuple[float, float]:
     return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")), log.stat().st_mtime
 
 
-@pytest.mark.slow
-def test_a_sweep_places_points_on_devices_each_with_its_own_cuda_visible_devices(harness, project, monkeypatch):
-    """--devices 0,1 on a CPU machine: two points at once, CUDA_VISIBLE_DEVICES 0 and 1, recorded in MLflow."""
-    from flows.sweep import sweep
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    state = sweep("dev", ["linear"], [50], {"train.steps": 4}, grid={"train.seed": [5, 6]}, devices=[0, 1],
-                  project=str(project), return_state=True)
-    assert state.is_completed(), state.message
-    client = mlflow_client(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
-    parent, children = sweep_runs(client, "dev")
-    assert len(children) == 2 and parent.data.params["sweep.devices"] == "[0, 1]"
-    assert sorted(c.data.tags["cuda_visible_devices"] for c in children) == ["0", "1"]
-    spans = [point_log_span(p) for p in (summary.sweep_dir(project, "dev") / "logs").glob("dev-*.log")]
-    assert len(spans) == 2 and max(s for s, _ in spans) < min(e for _, e in spans)  # they ran at the same time
-
-
 def test_devices_are_checked_before_anything_runs(monkeypatch, capsys):
     from flows import study, sweep
 
@@ -521,23 +504,30 @@ TINY_POINT = {"train.steps": 2, "sample.n": 20, "sample.batch_size": 20, "evalua
 
 
 @pytest.mark.slow
-def test_points_side_by_side_make_one_run_each_and_run_their_stages_once(harness, project, monkeypatch):
-    """Before flows/exp_one.py, `dvc exp run --temp` processes in one checkout popped each other's queue
-    entries (a point run twice, or under another point's environment). Six points, three at a time: more at once
-    than the machine has cores, and a second wave that takes over the first one's slots."""
+def test_points_side_by_side_run_once_each_on_its_own_device(harness, project, monkeypatch):
+    """`--devices 0,1,2` on a CPU machine: three points at once, each with its own CUDA_VISIBLE_DEVICES, recorded
+    in MLflow; a fourth takes over a freed device. Before flows/exp_one.py, `dvc exp run --temp` processes in one
+    checkout popped each other's queue entries (a point run twice, or under another point's environment): here
+    more run at once than the machine has cores, each under its own environment."""
     from flows.sweep import sweep
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    concurrency, n = 3, 6
-    name, seeds = "many", list(range(30, 30 + n))
-    state = sweep(name, ["linear"], [50], TINY_POINT, grid={"train.seed": seeds}, concurrency=concurrency,
+    name, seeds = "many", [30, 31, 32, 33]
+    state = sweep(name, ["linear"], [50], TINY_POINT, grid={"train.seed": seeds}, devices=[0, 1, 2],
                   project=str(project), return_state=True)
     assert state.is_completed(), state.message
     client = mlflow_client(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
-    _, children = sweep_runs(client, name)
+    parent, children = sweep_runs(client, name)
     expected = {f"{name}-linear-t50-seed{s}" for s in seeds}
-    assert len(children) == n and {c.data.tags["dvc_experiment"] for c in children} == expected
-    logs = {p.stem: p.read_text() for p in (summary.sweep_dir(project, name) / "logs").glob(f"{name}-*.log")}
+    assert len(children) == 4 and {c.data.tags["dvc_experiment"] for c in children} == expected
+    assert parent.data.params["sweep.devices"] == "[0, 1, 2]"
+    devices = [c.data.tags["cuda_visible_devices"] for c in children]
+    assert set(devices) == {"0", "1", "2"} and len(devices) == 4, devices
+    logs = {p.stem: p for p in (summary.sweep_dir(project, name) / "logs").glob(f"{name}-*.log")}
     assert set(logs) == expected
-    for exp, text in logs.items():  # each point ran its own stages, once, in its own process
+    for exp, log in logs.items():  # each point ran its own stages, once, in its own process
+        text = log.read_text()
         assert text.count("Running stage 'train'") == 1 and text.count("Running stage 'evaluate'") == 1, exp
+    spans = [point_log_span(log) for log in logs.values()]
+    third = sorted(s for s, _ in spans)[2]
+    assert sum(s <= third < e for s, e in spans) == 3, spans  # three ran at the same time
