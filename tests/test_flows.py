@@ -522,7 +522,7 @@ def test_points_side_by_side_run_once_each_on_its_own_device(harness, project, m
     assert len(children) == 4 and {c.data.tags["dvc_experiment"] for c in children} == expected
     assert parent.data.params["sweep.devices"] == "[0, 1, 2]"
     devices = [c.data.tags["cuda_visible_devices"] for c in children]
-    assert set(devices) == {"0", "1", "2"} and len(devices) == 4, devices
+    assert set(devices) == {"0", "1", "2"}, devices
     logs = {p.stem: p for p in (summary.sweep_dir(project, name) / "logs").glob(f"{name}-*.log")}
     assert set(logs) == expected
     for exp, log in logs.items():  # each point ran its own stages, once, in its own process
