@@ -284,6 +284,11 @@ def browser():
     return sync_playwright()
 
 
+# Waits for what the test reads, not for "networkidle": the UIs poll their servers, so on a loaded 2-core machine
+# the network need not fall quiet for 500 ms within goto's 30 s (CI: Page.goto timed out on the MLflow UI).
+UI_WAIT_MS = 120_000
+
+
 def launch(p):
     return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
@@ -293,7 +298,8 @@ def test_the_custom_run_form_starts_a_sweep_in_a_browser(tiny, served, tmp_path)
     with browser() as p:
         b = launch(p)
         page = b.new_page(viewport={"width": 1400, "height": 1600})
-        page.goto(f"{ui}/deployments/deployment/{served.ids['ddpm-sweep']}/run", wait_until="networkidle")
+        page.set_default_timeout(UI_WAIT_MS)
+        page.goto(f"{ui}/deployments/deployment/{served.ids['ddpm-sweep']}/run", wait_until="load")
         page.get_by_role("button", name="TrainOverrides", exact=True).click()
         steps = page.get_by_text("Steps (Optional)", exact=True).locator(
             "xpath=ancestor::*[.//button[normalize-space()='int']][1]")
@@ -306,7 +312,7 @@ def test_the_custom_run_form_starts_a_sweep_in_a_browser(tiny, served, tmp_path)
         fr = wait_run(served.api, run_id, served.log)
         assert fr["state"]["type"] == "COMPLETED", fr["state"]["message"]
         assert fr["parameters"]["overrides"]["train"]["steps"] == 12
-        page.goto(f"{ui}/runs/flow-run/{run_id}", wait_until="networkidle")
+        page.goto(f"{ui}/runs/flow-run/{run_id}", wait_until="load")
         page.get_by_text("Completed").first.wait_for()
         page.screenshot(path=str(tmp_path / "flow-run.png"), full_page=True)
         b.close()
@@ -326,8 +332,9 @@ def test_the_mlflow_ui_lists_a_sweeps_children_with_their_intervals(tiny, served
         with browser() as p:
             b = launch(p)
             page = b.new_page(viewport={"width": 1600, "height": 700})
+            page.set_default_timeout(UI_WAIT_MS)
             page.goto(f"http://127.0.0.1:{port}/#/experiments/{parent.info.experiment_id}/runs"
-                      "?workflowType=machine_learning", wait_until="networkidle")
+                      "?workflowType=machine_learning", wait_until="load")
             page.get_by_text("sweep-ui").first.wait_for(timeout=120_000)
             assistant = page.get_by_role("button", name="Close")
             if assistant.count():
