@@ -205,20 +205,26 @@ def model_key(point: Point) -> tuple:
 
 def run_models_first(root: Path, name: str, points: list[Point], parent: str, concurrency: int,
                      devices: list[int] | None = None) -> list[PointResult]:
-    """The first point of every model, then the others, whose train stage DVC's run-cache restores: points
-    running side by side never train the same model twice. Results in grid order."""
-    first: dict[tuple, int] = {}
+    """Model by model: a model's first point trains it, its other points start once that one has ended (DVC's
+    run-cache restores their train stage, so points side by side never train the same model twice), and a free
+    slot takes the next model's first point only when no trained model has points left. So few models are
+    ever half done: a run stopped for good loses at most the models in progress. Results in grid order."""
+    order, after = model_order(points)
+    progress = Progress(f"study {name}", len(points), get_run_logger())
+    results = submit_points(root, name, [points[i] for i in order], parent, concurrency, None, devices, progress,
+                            after)
+    return [results[order.index(i)] for i in range(len(points))]
+
+
+def model_order(points: list[Point]) -> tuple[list[int], dict[int, int]]:
+    """The points model by model (grid order within a model and between models' first points), and for each
+    position in that order that is not a model's first point, the position of its model's first point."""
+    models: dict[tuple, list[int]] = {}
     for i, p in enumerate(points):
-        first.setdefault(model_key(p), i)
-    order = sorted(range(len(points)), key=lambda i: i not in first.values())
-    phases = [[i for i in order if i in first.values()], [i for i in order if i not in first.values()]]
-    done: dict[int, PointResult] = {}
-    progress = Progress(f"study {name}", len(points), get_run_logger())  # one count across both phases
-    for phase in phases:
-        if phase:
-            done.update(zip(phase, submit_points(root, name, [points[i] for i in phase], parent, concurrency, None,
-                                                 devices, progress)))
-    return [done[i] for i in range(len(points))]
+        models.setdefault(model_key(p), []).append(i)
+    order = [i for group in models.values() for i in group]
+    after = {order.index(i): order.index(group[0]) for group in models.values() for i in group[1:]}
+    return order, after
 
 
 def earlier_parent_run(experiment: str, name: str, commit: str) -> str | None:

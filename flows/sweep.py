@@ -148,47 +148,63 @@ def warm_shared_stages(root: Path, name: str, grid: list[Point]) -> None:
 
 def submit_points(root: Path, name: str, grid: list[Point], parent: str, concurrency: int,
                   deployment: str | None, devices: list[int] | None = None,
-                  progress: Progress | None = None) -> list[PointResult]:
+                  progress: Progress | None = None, after: dict[int, int] | None = None) -> list[PointResult]:
     """Invalid points fail at once; the rest run, at most `concurrency` at a time (with `devices`: as many as
-    have their GPUs free). `progress`: what counts the ended points (default: of this grid alone)."""
+    have their GPUs free), each started when a slot frees: the first in grid order that may start. `after`:
+    point i -> the point j that must have ended before i starts (e.g. the one that trains i's network).
+    `progress`: what counts the ended points (default: of this grid alone)."""
     logger = get_run_logger()
     commit = git(root, "rev-parse", "HEAD")
     results: dict[int, PointResult] = {}
-    pending = []
     concurrency = len(devices) if devices else concurrency
     if concurrency > 1 and not deployment:
         warm_shared_stages(root, name, grid)
     pool = gpus.register(devices) if devices else ""
     progress = progress or Progress(f"sweep {name}", len(grid), logger)
+    waiting = []
+    for i, point in enumerate(grid):
+        reason = point_params_error(root, point)
+        if not reason and devices and gpus.point_devices(root, point) > len(devices):
+            reason = f"train.devices = {gpus.point_devices(root, point)} needs more GPUs than devices = {devices}"
+        if reason:
+            logger.error("%s cannot run: %s", point.label, reason)
+            results[i] = failed_result(point, name, reason)
+            progress.ended(results[i], log=False)  # said in the line above
+        else:
+            waiting.append(i)
+    after = after or {}
     with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
-        for i, point in enumerate(grid):
-            reason = point_params_error(root, point)
-            if not reason and devices and gpus.point_devices(root, point) > len(devices):
-                reason = f"train.devices = {gpus.point_devices(root, point)} needs more GPUs than devices = {devices}"
-            if reason:
-                logger.error("%s cannot run: %s", point.label, reason)
-                results[i] = failed_result(point, name, reason)
-                progress.ended(results[i], log=False)  # said in the line above
-            elif deployment:
-                pending.append((i, point, runner.submit(run_point_on_worker, {
-                    "root": root, "sweep": name, "point": point, "parent_run_id": parent,
-                    "deployment": deployment, "commit": commit})))
-            else:
-                pending.append((i, point, runner.submit(run_point, {
-                    "root": root, "sweep": name, "point": point, "parent_run_id": parent, "pool": pool})))
-        submitted = {id(future): (i, point) for i, point, future in pending}
-        for future in as_completed([future for _, _, future in pending]):  # as they end, for the progress line
-            i, point = submitted[id(future)]
+        running: dict[Any, int] = {}
+        while waiting or running:
+            while len(running) < concurrency and (i := next_ready(waiting, after, results, not running)) is not None:
+                waiting.remove(i)
+                if deployment:
+                    future = runner.submit(run_point_on_worker, {
+                        "root": root, "sweep": name, "point": grid[i], "parent_run_id": parent,
+                        "deployment": deployment, "commit": commit})
+                else:
+                    future = runner.submit(run_point, {
+                        "root": root, "sweep": name, "point": grid[i], "parent_run_id": parent, "pool": pool})
+                running[future] = i
+            future = next(as_completed(list(running)))  # the first to end, for the progress line and a free slot
+            i = running.pop(future)
             future.wait()  # keeps the final state (with its result) here; else .state asks the API, which has no result
             if future.state.is_completed():
                 results[i] = future.result()
             else:
                 exc = future.state.result(raise_on_failure=False)
-                logger.error("%s failed: %s", point.label, exc)
-                results[i] = failed_result(point, name, str(exc))
+                logger.error("%s failed: %s", grid[i].label, exc)
+                results[i] = failed_result(grid[i], name, str(exc))
             progress.ended(results[i])
     gpus.release(pool)
     return [results[i] for i in sorted(results)]  # grid order
+
+
+def next_ready(waiting: list[int], after: dict[int, int], ended: dict[int, Any], idle: bool) -> int | None:
+    """The first waiting point whose `after` point has ended (or that waits for none); when nothing runs, the
+    first waiting point at all (an `after` that can never end must not stall the sweep)."""
+    ready = next((i for i in waiting if i not in after or after[i] in ended), None)
+    return waiting[0] if ready is None and idle and waiting else ready
 
 
 def check_sweep(root: Path, name: str, concurrency: int, deployment: str | None,

@@ -9,7 +9,8 @@ import yaml
 
 from flows import analysis, study_budget, study_report
 from flows.points import PointResult, point_params_error
-from flows.study import Study, load_study, model_key
+from flows.study import Study, load_study, model_key, model_order
+from flows.sweep import next_ready
 from pipeline.params import ParamsError
 
 from project import ROOT, make_project, run
@@ -40,6 +41,29 @@ def test_the_committed_study_is_the_issue_grid_and_every_point_is_valid():
     assert all(point_params_error(ROOT, p) is None for p in gpu.points())
     assert spec.reference_axes()["diffusion.variance"] == "fixed_small"
 
+
+
+def test_points_run_model_by_model_each_after_the_point_that_trains_its_model():
+    points = load_study(SECOND).points()
+    order, after = model_order(points)
+    assert sorted(order) == list(range(len(points)))
+    keys = [model_key(points[i]) for i in order]
+    changes = sum(a != b for a, b in zip(keys, keys[1:]))
+    assert changes == len(set(keys)) - 1  # each model's points are together
+    firsts = {pos for pos in range(len(order)) if pos not in after}
+    assert len(firsts) == len(set(keys)) and all(keys[after[pos]] == keys[pos] for pos in after)
+    assert all(after[pos] < pos and after[pos] in firsts for pos in after)
+    # the grid's model order is kept: the first points come in grid order
+    assert [order[pos] for pos in sorted(firsts)] == sorted(order[pos] for pos in firsts)
+
+
+def test_a_free_slot_takes_a_trained_models_point_before_the_next_models_training():
+    after = {1: 0, 2: 0, 4: 3, 5: 3}   # 0 trains model A (1, 2 sample it), 3 trains model B (4, 5)
+    assert next_ready([1, 2, 3, 4, 5], after, {}, idle=False) == 3  # A training: B's training starts beside it
+    assert next_ready([1, 2, 4, 5], after, {}, idle=False) is None  # both training: nothing else may start
+    assert next_ready([1, 2, 4, 5], after, {3: "ended"}, idle=False) == 4
+    assert next_ready([1, 2, 4, 5], after, {0: "ended", 3: "ended"}, idle=False) == 1
+    assert next_ready([4, 5], {4: 9, 5: 9}, {}, idle=True) == 4  # a wait that cannot end does not stall
 
 def test_the_second_edition_has_two_budgets_five_samplings_and_trains_each_model_once():
     spec = load_study(SECOND)
