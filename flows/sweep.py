@@ -265,16 +265,19 @@ def refused(what: str, error: ParamsError):
 
 @contextlib.contextmanager
 def project_root_env(root: Path):
-    """The MLflow store of this project also when the flow runs from another folder."""
-    old = os.environ.get("DDPM_PROJECT_ROOT")
+    """The MLflow store of this project also when the flow runs from another folder. MLFLOW_TRACKING_URI is
+    restored too: mlflow.set_tracking_uri writes it into os.environ, so the next flow in this process (a served
+    deployment's next run, for another project) would otherwise log into this project's store."""
+    saved = {key: os.environ.get(key) for key in ("DDPM_PROJECT_ROOT", "MLFLOW_TRACKING_URI")}
     os.environ["DDPM_PROJECT_ROOT"] = str(root)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("DDPM_PROJECT_ROOT", None)
-        else:
-            os.environ["DDPM_PROJECT_ROOT"] = old
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _run_sweep(root, name, axes, overrides, concurrency, deployment, grid, experiment, reference, devices=None):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 import signal
@@ -103,6 +104,26 @@ def test_the_sweep_command_refuses_a_bad_override_in_one_line(tmp_path):
                           "--set", "train.lr=.inf"], cwd=ROOT, env=tool_env(), capture_output=True, text=True)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == ["error: sweep: train.lr = inf is not allowed: must be a finite number > 0"]
+
+
+def test_a_flow_leaves_the_tracking_uri_as_it_found_it(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ: a served process's next flow, for
+    another project, logged into the first project's store (found when a study ran again in a clone)."""
+    import mlflow
+
+    from flows.sweep import project_root_env
+    from pipeline import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for project in (tmp_path / "a", tmp_path / "b"):
+        with project_root_env(project):
+            mlflow.set_tracking_uri(tracking.tracking_uri())  # as tracking.start_parent_run does
+            assert tracking.tracking_uri() == f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a user's server stays theirs
+    with project_root_env(tmp_path / "a"):
+        mlflow.set_tracking_uri("sqlite:///elsewhere.db")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
 
 
 def test_expected_stage_errors_are_not_retried_and_crashes_are():
