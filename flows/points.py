@@ -99,6 +99,7 @@ class PointResult:
     bpd_per_image: dict[int, float] = field(default_factory=dict, repr=False)   # test image id -> bits/dim
     last_term_per_image: dict[int, float] = field(default_factory=dict, repr=False)  # id -> its t = T term
     fid_features: dict[str, Any] = field(default_factory=dict, repr=False)      # gen, test, train: [n, D]
+    record: str = ""                 # read from this record directory (flows/records.py), not from an experiment
 
     @property
     def label(self) -> str:

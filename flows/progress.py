@@ -5,7 +5,7 @@ runs for hours; this is the line that says how far it is (the Prefect UI shows t
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 
 def duration(seconds: float) -> str:
@@ -14,9 +14,10 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, what: str, total: int, logger: Any):
-        """`what`: how the line starts, e.g. "sweep NAME" or "study NAME"."""
-        self.what, self.total, self.logger = what, total, logger
+    def __init__(self, what: str, total: int, logger: Any, on_end: Callable[[Any], None] | None = None):
+        """`what`: how the line starts, e.g. "sweep NAME" or "study NAME". `on_end(result)`: called as each point
+        ends, before its line (e.g. to keep a record of it)."""
+        self.what, self.total, self.logger, self.on_end = what, total, logger, on_end
         self.counts = {"computed": 0, "reused": 0, "failed": 0}
         self.start = time.perf_counter()
 
@@ -29,5 +30,7 @@ class Progress:
     def ended(self, result, log: bool = True) -> None:
         """One more point ended with `result` (a PointResult: failed, reused or computed), and (`log`) the line."""
         self.counts["failed" if result.status != "ok" else "reused" if result.cached else "computed"] += 1
+        if self.on_end:
+            self.on_end(result)
         if log:
             self.logger.info(self.line())

@@ -6,10 +6,12 @@ The grid file names the study, its budget (params keys every point gets; `gpu_bu
 --gpu), bundles (one grid value that sets several keys, e.g. `training: improved` = learned_range + hybrid;
 a bundle that sets train.steps is a budget axis: see flows/study_budget.py) and a list of grids whose cross
 products are joined (e.g. one grid per sampler, each with its own sample.steps). Every point is one DVC experiment of the pipeline, as
-in a sweep (flows/sweep.py): a second run reuses every finished point (its experiment, else DVC's run-cache),
-and points that differ only in sampling keys train once. Results go to reports/studies/NAME/ (NAME-gpu with
+in a sweep (flows/sweep.py): a second run reuses every finished point (its record in reports/studies/NAME/points/,
+which a fresh clone has too: flows/records.py; else its experiment, else DVC's run-cache), and points that differ
+only in sampling keys train once. Results go to reports/studies/NAME/ (NAME-gpu with
 --gpu): the sweep summary, the study's contrasts (flows/study_report.py), plots and a sample sheet per model.
-The MLflow parent run `study-NAME` has a child run per point; the Prefect flow run carries the summary.
+The MLflow parent run `study-NAME` has a child run per point (not a point reused from its record in a fresh clone:
+its run is in the store of the checkout that computed it); the Prefect flow run carries the summary.
 """
 
 import argparse
@@ -28,7 +30,7 @@ import flows  # noqa: F401  (telemetry off, server start-up time: before prefect
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
-from flows import devices as gpus, interrupt, summary  # noqa: E402
+from flows import devices as gpus, interrupt, records, summary  # noqa: E402
 from flows.lifecycle import FLOW_RUN_TAG, crash_flow_runs, current_flow_run  # noqa: E402
 from flows.points import NAME_RE, Point, PointResult, git  # noqa: E402
 from flows.progress import Progress  # noqa: E402
@@ -205,15 +207,42 @@ def model_key(point: Point) -> tuple:
 
 def run_models_first(root: Path, name: str, points: list[Point], parent: str, concurrency: int,
                      devices: list[int] | None = None) -> list[PointResult]:
-    """Model by model: a model's first point trains it, its other points start once that one has ended (DVC's
-    run-cache restores their train stage, so points side by side never train the same model twice), and a free
-    slot takes the next model's first point only when no trained model has points left. So few models are
-    ever half done: a run stopped for good loses at most the models in progress. Results in grid order."""
-    order, after = model_order(points)
-    progress = Progress(f"study {name}", len(points), get_run_logger())
-    results = submit_points(root, name, [points[i] for i in order], parent, concurrency, None, devices, progress,
-                            after)
-    return [results[order.index(i)] for i in range(len(points))]
+    """The points without a record made by this code (flows/records.py), model by model: a model's first point
+    trains it, its other points start once that one has ended (DVC's run-cache restores their train stage, so
+    points side by side never train the same model twice), and a free slot takes the next model's first point
+    only when no trained model has points left. So few models are ever half done: a run stopped for good loses
+    at most the models in progress. Each point's record is written as it ends. Results in grid order."""
+    logger, out, code = get_run_logger(), study_dir(root, name), records.code_id(root)
+    progress = Progress(f"study {name}", len(points), logger, on_end=record_keeper(root, name, points, code))
+    recorded = {i: r for i, p in enumerate(points) if (r := records.read(out, p, name, code))}
+    for r in recorded.values():
+        progress.ended(r, log=False)
+    if recorded:
+        logger.info("%d of %d points reused from their records in %s", len(recorded), len(points), out / "points")
+    if code is None:
+        logger.warning("%s has uncommitted changes: no point records are read or written",
+                       ", ".join(records.CODE_PATHS))
+    todo = [i for i in range(len(points)) if i not in recorded]
+    order, after = model_order([points[i] for i in todo])
+    ran = submit_points(root, name, [points[todo[j]] for j in order], parent, concurrency, None, devices, progress,
+                        after) if todo else []
+    done = recorded | {todo[j]: r for j, r in zip(order, ran)}
+    return [done[i] for i in range(len(points))]
+
+
+def record_keeper(root: Path, name: str, points: list[Point], code: str | None):
+    """on_end for the study's progress: the record of each point computed or reused from its experiment."""
+    by_name = {p.exp_name(name): p for p in points}
+
+    def keep(result: PointResult) -> None:
+        if result.status != "ok" or result.record or code is None:
+            return
+        try:
+            records.write(root, study_dir(root, name), by_name[result.exp_name], result, code)
+        except Exception as e:  # noqa: BLE001  (the point's result stands; only its record is missing)
+            get_run_logger().warning("no record for %s: %s", result.exp_name, e)
+
+    return keep
 
 
 def model_order(points: list[Point]) -> tuple[list[int], dict[int, int]]:
@@ -241,6 +270,24 @@ def earlier_parent_run(experiment: str, name: str, commit: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def write_records(root: Path, spec: Study) -> int:
+    """The records of the points that have an experiment at this checkout's commit but no record made by this
+    code (e.g. of a run started before points had records); runs nothing. Returns how many it wrote."""
+    from flows.points import collect, existing_exp
+
+    code, out, baseline, written = records.code_id(root), study_dir(root, spec.name), git(root, "rev-parse", "HEAD"), 0
+    if code is None:
+        raise ParamsError(f"{', '.join(records.CODE_PATHS)} have uncommitted changes: a record could not say "
+                          "which code made its point")
+    for point in spec.points():
+        name = point.exp_name(spec.name)
+        rev = existing_exp(root, baseline, name)
+        if rev and records.read(out, point, spec.name, code) is None:
+            records.write(root, out, point, collect(root, point, name, rev, True, 0.0), code)
+            written += 1
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.study", description=__doc__.splitlines()[0])
     ap.add_argument("path", help="the study's grid file, e.g. flows/studies/schedule-T-objective.yaml")
@@ -248,12 +295,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=1, help="points at once (default 1)")
     ap.add_argument("--devices", metavar="0,1,...", help="GPUs: a point per free GPU, each with its own "
                     "CUDA_VISIBLE_DEVICES; instead of --concurrency")
+    ap.add_argument("--records", action="store_true", help="only write the records of the points finished in "
+                    "this checkout (reports/studies/NAME/points/), e.g. to commit a study's progress; runs nothing")
     args = ap.parse_args(argv)
     try:
         devices = gpus.parse_devices(args.devices) if args.devices is not None else None
         gpus.check_devices(devices, args.concurrency, None)
         spec = load_study(Path(args.path), args.gpu)
         print(f"study {spec.name}: {len(spec.points())} points")
+        if args.records:
+            print(f"study {spec.name}: {write_records(Path.cwd(), spec)} records written in "
+                  f"{study_dir(Path.cwd(), spec.name) / 'points'}")
+            return 0
     except ParamsError as e:
         print(f"error: study: {e}", file=sys.stderr)
         return 2

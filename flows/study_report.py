@@ -29,8 +29,9 @@ import pandas as pd
 
 from ddpm_core.stats import Estimate
 
-from . import analysis, study_budget
-from .points import PointResult, read_exp_file, short_key
+from . import analysis, records, study_budget
+from .points import PointResult, short_key
+from .records import SHEET_IMAGES
 from .summary import fmt, markdown
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 SAMPLE_PREFIX = "sample."
 STEPS_KEY = "sample.steps"
 SEED_KEY = analysis.SEED_KEY
-SHEET_IMAGES = 36
 
 
 # --- points as a table -----------------------------------------------------------------------------------
@@ -415,8 +415,7 @@ def write_all(root: Path, spec: "Study", results: list[PointResult], out: Path) 
     for r in _one_point_per_model(spec, ok):
         model = model_of(spec, r)
         if dict(model).get("seed", 0) in (0, None):
-            text = read_exp_file(root, r.exp_rev, "reports/bpd_per_t.csv")
-            curves[model] = pd.read_csv(io.StringIO(text))["bpd"].to_numpy()
+            curves[model] = pd.read_csv(io.StringIO(records.bpd_per_t(root, r)))["bpd"].to_numpy()
     plot_bpd_per_t(spec, curves, files["bpd_per_t"])
     sheets = out / "samples"
     sheets.mkdir(exist_ok=True)
@@ -427,8 +426,7 @@ def write_all(root: Path, spec: "Study", results: list[PointResult], out: Path) 
         panels = []
         samplers = list(dict.fromkeys(_sampler(spec, r) for r in members))
         for r in sorted(members, key=lambda r: (samplers.index(_sampler(spec, r)), r.metrics["sample_steps"])):
-            with np.load(io.BytesIO(read_exp_file(root, r.exp_rev, "build/samples.npz", binary=True))) as z:
-                images = z["images"]
+            images = records.sheet_images(root, r)
             m, sampler = r.metrics, _sampler(spec, r)
             panels.append((f"{sampler + ' ' if sampler else ''}{m['sample_steps']:.0f} steps: "
                            f"FID-proxy {m['fid_proxy']:.1f} "

@@ -24,6 +24,14 @@ def test_each_ended_point_is_a_line_with_the_counts_so_far():
     assert log.lines[-1].endswith(" in 0 min 0 s")
 
 
+def test_on_end_sees_every_ended_point_before_its_line():
+    log, seen = Log(), []
+    progress = Progress("study s", 2, log, on_end=lambda r: seen.append((r.exp_name, len(log.lines))))
+    progress.ended(PointResult({}, "failed", "a"), log=False)
+    progress.ended(PointResult({}, "ok", "b"))
+    assert seen == [("a", 0), ("b", 0)] and len(log.lines) == 1
+
+
 def test_durations_read_as_minutes_then_hours():
     assert duration(59.9) == "0 min 59 s"
     assert duration(61) == "1 min 1 s"

@@ -1,13 +1,14 @@
 """Studies: the grid file, the contrasts, and a tiny digits study end to end through its command."""
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from flows import analysis, study_budget, study_report
+from flows import analysis, records, study_budget, study_report
 from flows.points import PointResult, point_params_error
 from flows.study import Study, load_study, model_key, model_order
 from flows.sweep import next_ready
@@ -175,6 +176,36 @@ def fake_results() -> list[PointResult]:
     return [fake(dict(p.axes)) for p in SPEC.points()]
 
 
+def test_a_record_gives_the_point_back_exactly_for_its_code_and_settings_only(tmp_path, monkeypatch):
+    import dataclasses
+    import io
+
+    from flows.points import Point
+
+    point = SPEC.points()[0]
+    result = dataclasses.replace(fake(dict(point.axes)), exp_name=point.exp_name("s"), exp_rev="abc",
+                                 mlflow_run_id="run", last_term_per_image={0: 1.25, 1: 1 / 3})
+    images, buf = np.random.default_rng(0).integers(0, 256, (50, 1, 28, 28), dtype=np.uint8), io.BytesIO()
+    np.savez(buf, images=images)
+    files = {"build/samples.npz": buf.getvalue(), "reports/bpd_per_t.csv": "t,bpd\n1,0.5\n"}
+    monkeypatch.setattr(records, "read_exp_file", lambda root, rev, path, binary=False: files[path])
+    monkeypatch.setattr(records, "git", lambda root, *args: "c0ffee")  # the commit it was made at
+    records.write(tmp_path, tmp_path / "out", point, result, "code-1")
+    back = records.read(tmp_path / "out", point, "s", "code-1")
+    assert back.bpd_per_image == result.bpd_per_image and back.last_term_per_image == {0: 1.25, 1: 1 / 3}
+    for key in ("gen", "test", "train"):  # float32 as evaluate saves them, read back as float64
+        assert np.array_equal(back.fid_features[key], result.fid_features[key].astype(np.float32).astype(np.float64))
+    assert back.metrics == result.metrics and back.cached and back.status == "ok"
+    assert back.mlflow_run_id == "" and back.exp_rev == ""  # that run is in another checkout's store
+    assert np.array_equal(records.sheet_images(tmp_path, back), images[:records.SHEET_IMAGES])
+    assert records.bpd_per_t(tmp_path, back) == files["reports/bpd_per_t.csv"]
+    assert records.read(tmp_path / "out", point, "s", "code-2") is None  # other code: computed again
+    assert records.read(tmp_path / "out", point, "s", None) is None      # uncommitted code: never reused
+    threads = Point(point.axes, (("train.threads", 1),))                 # --concurrency: the same point
+    assert records.read(tmp_path / "out", threads, "s", "code-1") is not None
+    assert records.read(tmp_path / "out", Point(point.axes, (("sample.n", 5),)), "s", "code-1") is None
+
+
 def test_contrasts_pair_points_that_differ_in_one_axis():
     frame = study_report.contrasts(SPEC, fake_results())
     bpd = frame[frame.metric == "bpd"]
@@ -216,7 +247,7 @@ def fake_reader(root, rev, path, binary=False):
 def test_plots_and_sheets_without_experiments(tmp_path, monkeypatch):
     """write_all reads curves and samples from each point's experiment: here from a stand-in reader."""
     results = fake_results()
-    monkeypatch.setattr(study_report, "read_exp_file", fake_reader)
+    monkeypatch.setattr(records, "read_exp_file", fake_reader)
     files = study_report.write_all(tmp_path, SPEC, results, tmp_path)
     sheets = sorted((tmp_path / "samples").glob("*.png"))
     assert len(sheets) == 10 and sheets[0].name == "cosine-100-ho-0.png"
@@ -329,7 +360,7 @@ def test_contrasts_at_each_budget_and_their_change_between_budgets(few_reps):
 
 
 def test_a_second_budget_writes_its_changes_and_a_plot_per_claim(tmp_path, monkeypatch, few_reps):
-    monkeypatch.setattr(study_report, "read_exp_file", fake_reader)
+    monkeypatch.setattr(records, "read_exp_file", fake_reader)
     files = study_report.write_all(tmp_path, SPEC_B, [fake_b(dict(p.axes)) for p in SPEC_B.points()], tmp_path)
     for axis in ("schedule", "training", "seed", "sampler", "steps"):
         assert files[f"claim_{axis}"].read_bytes()[:8] == PNG
@@ -365,7 +396,7 @@ def harness():
 
 
 @pytest.mark.slow
-def test_a_tiny_study_end_to_end_and_again_from_its_experiments(harness, tmp_path, monkeypatch):
+def test_a_tiny_study_end_to_end_and_again_from_its_records_in_a_fresh_clone(harness, tmp_path, monkeypatch, capsys):
     import mlflow
     from prefect.client.orchestration import get_client
 
@@ -419,12 +450,30 @@ def test_a_tiny_study_end_to_end_and_again_from_its_experiments(harness, tmp_pat
     assert len(children) == 8
     with get_client(sync_client=True) as pc:
         assert {"sweep-tiny-table", "sweep-tiny-summary"} <= {a.key for a in pc.read_artifacts()}
-    # again: every point reused from its experiment, nothing recomputed, the same table
-    (out / "summary.csv").rename(out / "first.csv")
+    # a record per point (flows/records.py), the reference features every point shares once
+    assert len(list((out / "points").glob("*/record.json"))) == 8
+    assert len(list((out / "points").glob("reference-*.npz"))) == 1
+    # --records writes what is missing, from the experiments, and runs nothing
+    shutil.rmtree(next((out / "points").glob("*/")))
+    assert main(["tiny.yaml", "--records"]) == 0 and capsys.readouterr().out.endswith(
+        f"1 records written in {out / 'points'}\n")
+    assert len(list((out / "points").glob("*/record.json"))) == 8
+    # again, in a fresh clone with the study's reports committed (no experiments, no DVC cache, no MLflow store):
+    # every point reused from its record, nothing computed, the same numbers, contrasts and changes
+    run("git add tiny.yaml reports/studies && git commit -qm study", project)
+    clone = tmp_path / "clone"
+    run(f"git clone -q {project} {clone}", tmp_path)
+    monkeypatch.chdir(clone)
     assert main(["tiny.yaml"]) == 0
-    again = list(csv.DictReader((out / "summary.csv").open()))
-    assert all(r["cached"] == "True" for r in again)
-    assert [r["bpd"] for r in again] == [r["bpd"] for r in rows]
-    parents = client.search_runs([exp.experiment_id], "tags.study = 'tiny'")  # the same parent, finished again
+    again_out = clone / "reports" / "studies" / "tiny"
+    again = list(csv.DictReader((again_out / "summary.csv").open()))
+    assert all(r["cached"] == "True" for r in again) and not (clone / "build").exists()
+    numbers = [k for k in rows[0] if k.startswith(("bpd", "fid_proxy", "kid_proxy"))]
+    assert [[r[k] for k in numbers] for r in again] == [[r[k] for k in numbers] for r in rows]
+    for name in ("contrasts.csv", "budget_changes.csv"):
+        assert (again_out / name).read_text() == (out / name).read_text(), name
+    assert len(list((again_out / "samples").glob("*.png"))) == 6
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlflow' / 'mlflow.db'}")
+    parents = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.study = 'tiny'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert "error" not in run("dvc status", project).stdout.lower()

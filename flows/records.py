@@ -1,0 +1,108 @@
+"""Point records: a finished study point's results, committed with the study's reports (reports/studies/NAME/points/)
+so that a fresh clone reuses the point instead of computing it again.
+
+A study runs for many hours; its points are DVC experiments, which live in the checkout (Git refs and the DVC
+cache) and go with it. A record keeps what the study's report reads of a point: its metrics, its per-image
+bits/dim (and t = T terms), its bits/dim per t, its FID-proxy features and the first images of its sample sheet.
+It is reused only where the code that computes a point is the code checked out: the Git trees of CODE_PATHS,
+committed, equal to those the point ran with; else the point runs again and its record is replaced.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .points import LAST_TERM_KEYS, METRIC_KEYS, Point, PointResult, git, read_exp_file
+
+CODE_PATHS = ("ddpm_core", "pipeline", "dvc.yaml", "params.yaml", "requirements.txt")
+SHEET_IMAGES = 36          # what a sample sheet shows of a point (flows/study_report.py)
+IGNORED = ("train.threads",)  # a point's threads (set by --concurrency) do not make it another point
+
+
+def code_id(root: Path) -> str | None:
+    """One hash of the committed trees of CODE_PATHS; None when any of them has uncommitted changes (a point
+    computed then cannot say which code made it)."""
+    if git(root, "status", "--porcelain", "--", *CODE_PATHS):
+        return None
+    trees = git(root, "ls-tree", "HEAD", "--", *CODE_PATHS)  # "mode type hash<TAB>path" of those that exist
+    return hashlib.sha256(trees.encode()).hexdigest()[:20]
+
+
+def _settings(point: Point) -> dict[str, Any]:
+    return json.loads(json.dumps({k: v for k, v in point.settings().items() if k not in IGNORED}, sort_keys=True))
+
+
+def _dir(out: Path, result: PointResult) -> Path:
+    return out / "points" / result.exp_name
+
+
+def write(root: Path, out: Path, point: Point, result: PointResult, code: str) -> Path:
+    """The record of a finished point read from its experiment (result.exp_rev), in out/points/EXP_NAME/. The
+    test and train features every point shares are written once, in a file named by their hash."""
+    where = _dir(out, result)
+    where.mkdir(parents=True, exist_ok=True)
+    ref = np.concatenate([result.fid_features["test"], result.fid_features["train"]]).astype(np.float32)
+    ref_name = f"reference-{hashlib.sha256(ref.tobytes()).hexdigest()[:12]}.npz"
+    if not (out / "points" / ref_name).exists():
+        np.savez_compressed(out / "points" / ref_name, test=result.fid_features["test"].astype(np.float32),
+                            train=result.fid_features["train"].astype(np.float32))
+    with np.load(io.BytesIO(read_exp_file(root, result.exp_rev, "build/samples.npz", binary=True))) as z:
+        sheet = z["images"][:SHEET_IMAGES]
+    np.savez_compressed(where / "arrays.npz", gen=result.fid_features["gen"].astype(np.float32), sheet=sheet)
+    (where / "bpd_per_t.csv").write_text(read_exp_file(root, result.exp_rev, "reports/bpd_per_t.csv"))
+    with open(where / "bpd_per_image.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "bpd", "last_term"])
+        for image, bpd in result.bpd_per_image.items():
+            last = result.last_term_per_image.get(image)
+            w.writerow([image, repr(float(bpd)), "" if last is None else repr(float(last))])  # repr: exact
+    record = {"exp_name": result.exp_name, "axes": [[k, v] for k, v in result.axes.items()],
+              "settings": _settings(point), "code": code, "commit": git(root, "rev-parse", "HEAD"),
+              "exp_rev": result.exp_rev, "mlflow_run_id": result.mlflow_run_id, "metrics": result.metrics,
+              "seconds": round(result.seconds, 1), "computed": not result.cached, "reference": ref_name}
+    (where / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+    return where
+
+
+def read(out: Path, point: Point, name: str, code: str | None) -> PointResult | None:
+    """The point's result from its record, when there is one made with this code and these settings."""
+    where = out / "points" / point.exp_name(name)
+    try:
+        record = json.loads((where / "record.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if code is None or record.get("code") != code or record.get("settings") != _settings(point):
+        return None
+    with open(where / "bpd_per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with np.load(where / "arrays.npz") as z, np.load(out / "points" / record["reference"]) as ref:
+        features = {"gen": z["gen"].astype(np.float64), "test": ref["test"].astype(np.float64),
+                    "train": ref["train"].astype(np.float64)}
+    metrics = {k: v for k, v in record["metrics"].items() if k in (*METRIC_KEYS, *LAST_TERM_KEYS)}
+    return PointResult(dict(point.axes), "ok", record["exp_name"], metrics, 0.0, True, "", "",
+                       bpd_per_image={int(r["image"]): float(r["bpd"]) for r in rows},
+                       last_term_per_image={int(r["image"]): float(r["last_term"]) for r in rows if r["last_term"]},
+                       fid_features=features, record=str(where))
+
+
+def bpd_per_t(root: Path, result: PointResult) -> str:
+    """The point's reports/bpd_per_t.csv, from its experiment or its record."""
+    if result.record:
+        return (Path(result.record) / "bpd_per_t.csv").read_text()
+    return read_exp_file(root, result.exp_rev, "reports/bpd_per_t.csv")
+
+
+def sheet_images(root: Path, result: PointResult) -> np.ndarray:
+    """The first SHEET_IMAGES of the point's samples (uint8, [n, C, H, W]), from its experiment or its record."""
+    if result.record:
+        with np.load(Path(result.record) / "arrays.npz") as z:
+            return z["sheet"]
+    with np.load(io.BytesIO(read_exp_file(root, result.exp_rev, "build/samples.npz", binary=True))) as z:
+        return z["images"][:SHEET_IMAGES]
