@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
+import time
 from typing import Any
 
 import numpy as np
@@ -43,9 +44,11 @@ def _dir(out: Path, result: PointResult) -> Path:
     return out / "points" / result.exp_name
 
 
-def write(root: Path, out: Path, point: Point, result: PointResult, code: str) -> Path:
-    """The record of a finished point read from its experiment (result.exp_rev), in out/points/EXP_NAME/. The
-    test and train features every point shares are written once, in a file named by their hash."""
+def write(root: Path, out: Path, point: Point, result: PointResult, code: str, seconds: float | None) -> Path:
+    """The record of a finished point read from its experiment (result.exp_rev), in out/points/EXP_NAME/, with
+    the experiment's whole reports/metrics.json (devices, precision, versions, stage times). `seconds`: the
+    point's wall time when it was computed (None: not known). The test and train features every point shares
+    are written once, in a file named by their hash."""
     where = _dir(out, result)
     where.mkdir(parents=True, exist_ok=True)
     ref = np.concatenate([result.fid_features["test"], result.fid_features["train"]]).astype(np.float32)
@@ -56,7 +59,8 @@ def write(root: Path, out: Path, point: Point, result: PointResult, code: str) -
     with np.load(io.BytesIO(read_exp_file(root, result.exp_rev, "build/samples.npz", binary=True))) as z:
         sheet = z["images"][:SHEET_IMAGES]
     np.savez_compressed(where / "arrays.npz", gen=result.fid_features["gen"].astype(np.float32), sheet=sheet)
-    (where / "bpd_per_t.csv").write_text(read_exp_file(root, result.exp_rev, "reports/bpd_per_t.csv"))
+    for name in ("bpd_per_t.csv", "metrics.json"):
+        (where / name).write_text(read_exp_file(root, result.exp_rev, f"reports/{name}"))
     with open(where / "bpd_per_image.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "bpd", "last_term"])
@@ -66,7 +70,7 @@ def write(root: Path, out: Path, point: Point, result: PointResult, code: str) -
     record = {"exp_name": result.exp_name, "axes": [[k, v] for k, v in result.axes.items()],
               "settings": _settings(point), "code": code, "commit": git(root, "rev-parse", "HEAD"),
               "exp_rev": result.exp_rev, "mlflow_run_id": result.mlflow_run_id, "metrics": result.metrics,
-              "seconds": round(result.seconds, 1), "computed": not result.cached, "reference": ref_name}
+              "seconds": None if seconds is None else round(seconds, 1), "reference": ref_name}
     (where / "record.json").write_text(json.dumps(record, indent=1) + "\n")
     return where
 
@@ -90,6 +94,17 @@ def read(out: Path, point: Point, name: str, code: str | None) -> PointResult | 
                        bpd_per_image={int(r["image"]): float(r["bpd"]) for r in rows},
                        last_term_per_image={int(r["image"]): float(r["last_term"]) for r in rows if r["last_term"]},
                        fid_features=features, record=str(where))
+
+
+def log_seconds(log: Path) -> float | None:
+    """A point's wall time from its log (flows/sweep.py): from its last `$ dvc ... exp run` line, which ends with
+    the time it started, to the log's last write; None without a log."""
+    try:
+        starts = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("$ dvc ")]
+        started = time.mktime(time.strptime(starts[-1].rsplit("# ", 1)[1].strip(), "%Y-%m-%d %H:%M:%S"))
+    except (OSError, IndexError, ValueError):
+        return None
+    return log.stat().st_mtime - started
 
 
 def bpd_per_t(root: Path, result: PointResult) -> str:

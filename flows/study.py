@@ -238,7 +238,8 @@ def record_keeper(root: Path, name: str, points: list[Point], code: str | None):
         if result.status != "ok" or result.record or code is None:
             return
         try:
-            records.write(root, study_dir(root, name), by_name[result.exp_name], result, code)
+            records.write(root, study_dir(root, name), by_name[result.exp_name], result, code,
+                          None if result.cached else result.seconds)
         except Exception as e:  # noqa: BLE001  (the point's result stands; only its record is missing)
             get_run_logger().warning("no record for %s: %s", result.exp_name, e)
 
@@ -283,7 +284,8 @@ def write_records(root: Path, spec: Study) -> int:
         name = point.exp_name(spec.name)
         rev = existing_exp(root, baseline, name)
         if rev and records.read(out, point, spec.name, code) is None:
-            records.write(root, out, point, collect(root, point, name, rev, True, 0.0), code)
+            seconds = records.log_seconds(summary.sweep_dir(root, spec.name) / "logs" / f"{name}.log")
+            records.write(root, out, point, collect(root, point, name, rev, True, 0.0), code, seconds)
             written += 1
     return written
 

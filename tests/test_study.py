@@ -1,6 +1,7 @@
 """Studies: the grid file, the contrasts, and a tiny digits study end to end through its command."""
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -187,10 +188,13 @@ def test_a_record_gives_the_point_back_exactly_for_its_code_and_settings_only(tm
                                  mlflow_run_id="run", last_term_per_image={0: 1.25, 1: 1 / 3})
     images, buf = np.random.default_rng(0).integers(0, 256, (50, 1, 28, 28), dtype=np.uint8), io.BytesIO()
     np.savez(buf, images=images)
-    files = {"build/samples.npz": buf.getvalue(), "reports/bpd_per_t.csv": "t,bpd\n1,0.5\n"}
+    files = {"build/samples.npz": buf.getvalue(), "reports/bpd_per_t.csv": "t,bpd\n1,0.5\n",
+             "reports/metrics.json": '{"bpd": 4.0, "train_device_name": "cpu"}\n'}
     monkeypatch.setattr(records, "read_exp_file", lambda root, rev, path, binary=False: files[path])
     monkeypatch.setattr(records, "git", lambda root, *args: "c0ffee")  # the commit it was made at
-    records.write(tmp_path, tmp_path / "out", point, result, "code-1")
+    where = records.write(tmp_path, tmp_path / "out", point, result, "code-1", 12.5)
+    assert json.loads((where / "record.json").read_text())["seconds"] == 12.5
+    assert (where / "metrics.json").read_text() == files["reports/metrics.json"]  # provenance, verbatim
     back = records.read(tmp_path / "out", point, "s", "code-1")
     assert back.bpd_per_image == result.bpd_per_image and back.last_term_per_image == {0: 1.25, 1: 1 / 3}
     for key in ("gen", "test", "train"):  # float32 as evaluate saves them, read back as float64
@@ -204,6 +208,21 @@ def test_a_record_gives_the_point_back_exactly_for_its_code_and_settings_only(tm
     threads = Point(point.axes, (("train.threads", 1),))                 # --concurrency: the same point
     assert records.read(tmp_path / "out", threads, "s", "code-1") is not None
     assert records.read(tmp_path / "out", Point(point.axes, (("sample.n", 5),)), "s", "code-1") is None
+
+
+def test_a_points_wall_time_is_read_from_its_log(tmp_path):
+    import os
+    import time
+
+    from flows import records
+
+    log = tmp_path / "p.log"
+    log.write_text("\n$ dvc exp run --temp -S a=1   # 2026-12-02 11:42:00\nfailed\n"
+                   "\n$ dvc exp run --temp -S a=1   # 2026-12-02 11:50:00\ntrain: 100%\n")
+    started = time.mktime(time.strptime("2026-12-02 11:50:00", "%Y-%m-%d %H:%M:%S"))  # the last attempt
+    os.utime(log, (started + 754, started + 754))
+    assert records.log_seconds(log) == 754
+    assert records.log_seconds(tmp_path / "missing.log") is None
 
 
 def test_contrasts_pair_points_that_differ_in_one_axis():
@@ -457,7 +476,8 @@ def test_a_tiny_study_end_to_end_and_again_from_its_records_in_a_fresh_clone(har
     shutil.rmtree(next((out / "points").glob("*/")))
     assert main(["tiny.yaml", "--records"]) == 0 and capsys.readouterr().out.endswith(
         f"1 records written in {out / 'points'}\n")
-    assert len(list((out / "points").glob("*/record.json"))) == 8
+    recorded = [json.loads(f.read_text()) for f in (out / "points").glob("*/record.json")]
+    assert len(recorded) == 8 and all(r["seconds"] > 0 for r in recorded)  # as run, or from the point's log
     # again, in a fresh clone with the study's reports committed (no experiments, no DVC cache, no MLflow store):
     # every point reused from its record, nothing computed, the same numbers, contrasts and changes
     run("git add tiny.yaml reports/studies && git commit -qm study", project)
