@@ -15,12 +15,15 @@ import hashlib
 import io
 import json
 from pathlib import Path
+import subprocess
 import time
 from typing import Any
 
 import numpy as np
 
-from .points import LAST_TERM_KEYS, METRIC_KEYS, Point, PointResult, git, read_exp_file
+from . import interrupt
+from .points import LAST_TERM_KEYS, METRIC_KEYS, Point, PointResult, dvc_cmd, git, read_exp_file, tool_env
+from pipeline.params import ParamsError
 
 CODE_PATHS = ("ddpm_core", "pipeline", "dvc.yaml", "params.yaml", "requirements.txt")
 SHEET_IMAGES = 36          # what a sample sheet shows of a point (flows/study_report.py)
@@ -67,12 +70,53 @@ def write(root: Path, out: Path, point: Point, result: PointResult, code: str, s
         for image, bpd in result.bpd_per_image.items():
             last = result.last_term_per_image.get(image)
             w.writerow([image, repr(float(bpd)), "" if last is None else repr(float(last))])  # repr: exact
+    featurizer = keep_featurizer(root, out, result.exp_rev)
     record = {"exp_name": result.exp_name, "axes": [[k, v] for k, v in result.axes.items()],
               "settings": _settings(point), "code": code, "commit": git(root, "rev-parse", "HEAD"),
               "exp_rev": result.exp_rev, "mlflow_run_id": result.mlflow_run_id, "metrics": result.metrics,
-              "seconds": None if seconds is None else round(seconds, 1), "reference": ref_name}
+              "seconds": None if seconds is None else round(seconds, 1), "reference": ref_name,
+              "featurizer": featurizer}
     (where / "record.json").write_text(json.dumps(record, indent=1) + "\n")
     return where
+
+
+def keep_featurizer(root: Path, out: Path, rev: str) -> str:
+    """The md5 of the FID-proxy featurizer the point was measured with (its experiment's dvc.lock), whose weights
+    are kept once in out/points/featurizer-MD5/featurizer.pt: the instrument every recorded FID-proxy value
+    depends on. A featurizer trained again on another CPU need not be bit-identical, and features of two
+    featurizers are not comparable; with the weights kept, that is checkable and the instrument restorable."""
+    import yaml
+
+    lock = yaml.safe_load(git(root, "show", f"{rev}:dvc.lock"))
+    path = "build/featurizer.pt"  # its accuracy (featurizer.json, not cached) is in metrics.json
+    md5 = next(o["md5"] for o in lock["stages"]["featurizer"]["outs"] if o["path"] == path)
+    kept = out / "points" / f"featurizer-{md5}" / "featurizer.pt"
+    if not kept.exists():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        part = kept.with_suffix(".part")
+        part.write_bytes(read_exp_file(root, rev, path, binary=True))
+        part.rename(kept)
+    return md5
+
+
+def check_featurizer(root: Path, out: Path, log: Path) -> None:
+    """Before points are computed beside recorded ones: `dvc repro featurizer` (output in `log`), and the
+    featurizer it gives this checkout must be the one the records were measured with; ParamsError otherwise
+    (another CPU can train it differently, and FID-proxy values of two featurizers are not comparable)."""
+    kept = sorted(p.name.removeprefix("featurizer-") for p in (out / "points").glob("featurizer-*") if p.is_dir())
+    if not kept:
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        returncode = interrupt.run(dvc_cmd("--wait-for-lock", "repro", "featurizer"), cwd=root, env=tool_env(),
+                                   stdout=f, stderr=subprocess.STDOUT)
+    if returncode != 0:
+        raise ParamsError(f"dvc repro featurizer failed (see {log})")
+    here = hashlib.md5((root / "build" / "featurizer.pt").read_bytes()).hexdigest()
+    if kept != [here]:
+        raise ParamsError(f"this checkout's FID-proxy featurizer (md5 {here}) is not the one the study's records were "
+                          f"measured with ({', '.join(kept)}, kept in {out / 'points'}): FID-proxy values of the "
+                          "points computed here would not be comparable with the recorded ones")
 
 
 def read(out: Path, point: Point, name: str, code: str | None) -> PointResult | None:

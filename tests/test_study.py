@@ -191,10 +191,16 @@ def test_a_record_gives_the_point_back_exactly_for_its_code_and_settings_only(tm
     files = {"build/samples.npz": buf.getvalue(), "reports/bpd_per_t.csv": "t,bpd\n1,0.5\n",
              "reports/metrics.json": '{"bpd": 4.0, "train_device_name": "cpu"}\n'}
     monkeypatch.setattr(records, "read_exp_file", lambda root, rev, path, binary=False: files[path])
-    monkeypatch.setattr(records, "git", lambda root, *args: "c0ffee")  # the commit it was made at
+    files["build/featurizer.pt"] = b"weights"
+    lock = yaml.safe_dump({"stages": {"featurizer": {"outs": [{"path": "build/featurizer.json", "md5": "j1"},
+                                                              {"path": "build/featurizer.pt", "md5": "f00d"}]}}})
+    monkeypatch.setattr(records, "git", lambda root, *args: lock if args[0] == "show" else "c0ffee")
     where = records.write(tmp_path, tmp_path / "out", point, result, "code-1", 12.5)
     assert json.loads((where / "record.json").read_text())["seconds"] == 12.5
     assert (where / "metrics.json").read_text() == files["reports/metrics.json"]  # provenance, verbatim
+    assert json.loads((where / "record.json").read_text())["featurizer"] == "f00d"  # the FID-proxy's instrument
+    kept = tmp_path / "out" / "points" / "featurizer-f00d"
+    assert [f.name for f in kept.iterdir()] == ["featurizer.pt"] and (kept / "featurizer.pt").read_bytes() == b"weights"
     back = records.read(tmp_path / "out", point, "s", "code-1")
     assert back.bpd_per_image == result.bpd_per_image and back.last_term_per_image == {0: 1.25, 1: 1 / 3}
     for key in ("gen", "test", "train"):  # float32 as evaluate saves them, read back as float64
@@ -472,6 +478,7 @@ def test_a_tiny_study_end_to_end_and_again_from_its_records_in_a_fresh_clone(har
     # a record per point (flows/records.py), the reference features every point shares once
     assert len(list((out / "points").glob("*/record.json"))) == 8
     assert len(list((out / "points").glob("reference-*.npz"))) == 1
+    assert [f.name for f in (out / "points").glob("featurizer-*/*")] == ["featurizer.pt"]
     # --records writes what is missing, from the experiments, and runs nothing
     shutil.rmtree(next((out / "points").glob("*/")))
     assert main(["tiny.yaml", "--records"]) == 0 and capsys.readouterr().out.endswith(
@@ -479,15 +486,27 @@ def test_a_tiny_study_end_to_end_and_again_from_its_records_in_a_fresh_clone(har
     recorded = [json.loads(f.read_text()) for f in (out / "points").glob("*/record.json")]
     assert len(recorded) == 8 and all(r["seconds"] > 0 for r in recorded)  # as run, or from the point's log
     # again, in a fresh clone with the study's reports committed (no experiments, no DVC cache, no MLflow store):
-    # every point reused from its record, nothing computed, the same numbers, contrasts and changes
+    # every point reused from its record but one, computed again with the same featurizer; the same numbers,
+    # contrasts and changes
     run("git add tiny.yaml reports/studies && git commit -qm study", project)
     clone = tmp_path / "clone"
     run(f"git clone -q {project} {clone}", tmp_path)
     monkeypatch.chdir(clone)
-    assert main(["tiny.yaml"]) == 0
     again_out = clone / "reports" / "studies" / "tiny"
+    dropped = next((again_out / "points").glob("tiny-*/"))  # this point is computed again, beside the records
+    shutil.rmtree(dropped)
+    kept = next((again_out / "points").glob("featurizer-*"))  # as if the records had another featurizer
+    kept.rename(kept.with_name("featurizer-" + "0" * 32))
+    capsys.readouterr()
+    assert main(["tiny.yaml"]) == 1  # refused before any point ran: FID-proxy values would not compare
+    said = capsys.readouterr()
+    assert "is not the one the study's records were measured with" in said.out + said.err
+    assert not list((clone / ".git" / "refs").glob("exps/**/tiny-*"))
+    (again_out / "points" / ("featurizer-" + "0" * 32)).rename(kept)
+    assert main(["tiny.yaml"]) == 0
     again = list(csv.DictReader((again_out / "summary.csv").open()))
-    assert all(r["cached"] == "True" for r in again) and not (clone / "build").exists()
+    assert [r["exp_name"] for r in again if r["cached"] == "False"] == [dropped.name]
+    assert (dropped / "record.json").exists()
     numbers = [k for k in rows[0] if k.startswith(("bpd", "fid_proxy", "kid_proxy"))]
     assert [[r[k] for k in numbers] for r in again] == [[r[k] for k in numbers] for r in rows]
     for name in ("contrasts.csv", "budget_changes.csv"):
