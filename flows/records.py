@@ -56,9 +56,12 @@ def write(root: Path, out: Path, point: Point, result: PointResult, code: str, s
     where.mkdir(parents=True, exist_ok=True)
     ref = np.concatenate([result.fid_features["test"], result.fid_features["train"]]).astype(np.float32)
     ref_name = f"reference-{hashlib.sha256(ref.tobytes()).hexdigest()[:12]}.npz"
-    if not (out / "points" / ref_name).exists():
-        np.savez_compressed(out / "points" / ref_name, test=result.fid_features["test"].astype(np.float32),
-                            train=result.fid_features["train"].astype(np.float32))
+    if not (out / "points" / ref_name).exists():  # written whole or not at all: every record reads it
+        part = out / "points" / (ref_name + ".part")
+        with open(part, "wb") as f:
+            np.savez_compressed(f, test=result.fid_features["test"].astype(np.float32),
+                                train=result.fid_features["train"].astype(np.float32))
+        part.rename(out / "points" / ref_name)
     with np.load(io.BytesIO(read_exp_file(root, result.exp_rev, "build/samples.npz", binary=True))) as z:
         sheet = z["images"][:SHEET_IMAGES]
     np.savez_compressed(where / "arrays.npz", gen=result.fid_features["gen"].astype(np.float32), sheet=sheet)
@@ -76,7 +79,7 @@ def write(root: Path, out: Path, point: Point, result: PointResult, code: str, s
               "exp_rev": result.exp_rev, "mlflow_run_id": result.mlflow_run_id, "metrics": result.metrics,
               "seconds": None if seconds is None else round(seconds, 1), "reference": ref_name,
               "featurizer": featurizer}
-    (where / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+    (where / "record.json").write_text(json.dumps(record, indent=1) + "\n")  # last: a record without it is none
     return where
 
 
