@@ -222,6 +222,20 @@ def dvc_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
+def run_logged(root: Path, log: Path, cmd: list[str]) -> int:
+    """`cmd` in the checkout with the stage environment, its output appended to `log`; its exit status (an
+    interrupt stops it)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        return interrupt.run(cmd, cwd=root, env=tool_env(), stdout=f, stderr=subprocess.STDOUT)
+
+
+def repro_shared(root: Path, log: Path, *stages: str) -> int:
+    """`dvc repro STAGES` (waiting for DVC's lock), output in `log`: the stages every point of a sweep shares,
+    built once in the checkout so that points restore them from the run-cache. Its exit status."""
+    return run_logged(root, log, dvc_cmd("--wait-for-lock", "repro", *stages))
+
+
 def own_exp_cmd(*args: str) -> list[str]:
     """`dvc ARGS` through flows/exp_one.py: an `exp run --temp` that runs only the entry it queued."""
     return [sys.executable, "-m", "flows.exp_one", *args]

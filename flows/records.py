@@ -14,15 +14,18 @@ import csv
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
+import shutil
 import subprocess
+import sys
 import time
 from typing import Any
 
 import numpy as np
 
-from . import interrupt
-from .points import LAST_TERM_KEYS, METRIC_KEYS, Point, PointResult, dvc_cmd, git, read_exp_file, tool_env
+from .points import (LAST_TERM_KEYS, METRIC_KEYS, Point, PointResult, dvc_cmd, git, read_exp_file, repro_shared,
+                     run_logged)
 from pipeline.params import ParamsError
 
 CODE_PATHS = ("ddpm_core", "pipeline", "dvc.yaml", "params.yaml", "requirements.txt")
@@ -102,24 +105,68 @@ def keep_featurizer(root: Path, out: Path, rev: str) -> str:
     return md5
 
 
-def check_featurizer(root: Path, out: Path, log: Path) -> None:
-    """Before points are computed beside recorded ones: `dvc repro featurizer` (output in `log`), and the
-    featurizer it gives this checkout must be the one the records were measured with; ParamsError otherwise
-    (another CPU can train it differently, and FID-proxy values of two featurizers are not comparable)."""
-    kept = sorted(p.name.removeprefix("featurizer-") for p in (out / "points").glob("featurizer-*") if p.is_dir())
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _newest_in_run_cache(root: Path, md5: str) -> None:
+    """Make the featurizer stage's run-cache entries that give featurizer `md5` its newest: DVC restores a stage
+    from the newest entry of its key (dvc/stage/cache.py), and a point's experiment whose featurizer stage looks
+    changed (e.g. dvc.lock not committed) would otherwise get one this machine trained."""
+    import yaml
+
+    cache = subprocess.run(dvc_cmd("cache", "dir"), cwd=root, capture_output=True, text=True, check=True)
+    now = time.time()
+    for entry in (Path(cache.stdout.strip()) / "runs").glob("*/*/*"):
+        try:
+            text = entry.read_text()
+            lock = yaml.safe_load(text) if "python -m pipeline featurizer" in text else None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if isinstance(lock, dict) and lock.get("cmd") == "python -m pipeline featurizer" and any(
+                o.get("path") == "build/featurizer.pt" and o.get("md5") == md5 for o in lock.get("outs") or []):
+            os.utime(entry, (now, now))
+
+
+def pin_featurizer(root: Path, out: Path, log: Path) -> str | None:
+    """Before points are computed beside recorded ones: this checkout's FID-proxy featurizer made the one the
+    study's records were measured with, kept in out/points/featurizer-MD5/. Another machine (core count, CPU
+    kernels) trains another featurizer from the same data and seed, and FID-proxy values of two featurizers do
+    not compare; so where `dvc repro featurizer` would give another, the kept weights are put in build/, its
+    featurizer.json is written from them (`python -m pipeline featurizer` reuses weights that match the data and
+    config) and `dvc commit -f featurizer` records them in dvc.lock, from where every point's experiment
+    restores them. Output of the commands in `log`. Returns what was done (None: nothing to do). ParamsError
+    when the records hold several featurizers, the kept weights are damaged, or they do not fit this data."""
+    kept = sorted(p for p in (out / "points").glob("featurizer-*") if p.is_dir())
     if not kept:
-        return
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        returncode = interrupt.run(dvc_cmd("--wait-for-lock", "repro", "featurizer"), cwd=root, env=tool_env(),
-                                   stdout=f, stderr=subprocess.STDOUT)
-    if returncode != 0:
+        return None
+    if len(kept) > 1:
+        raise ParamsError(f"the study's records were measured with {len(kept)} FID-proxy featurizers "
+                          f"({', '.join(p.name for p in kept)} in {out / 'points'}): their values do not compare")
+    md5, weights = kept[0].name.removeprefix("featurizer-"), kept[0] / "featurizer.pt"
+    if not weights.is_file() or _md5(weights) != md5:
+        raise ParamsError(f"{weights} is missing or damaged (its md5 is not {md5}): the featurizer the study's "
+                          "records were measured with cannot be restored")
+    if repro_shared(root, log, "prepare") != 0:  # the data (and params check) the featurizer stage reads
+        raise ParamsError(f"dvc repro prepare failed (see {log})")
+    here = root / "build" / "featurizer.pt"
+    before = _md5(here) if here.is_file() else None
+    said = None
+    if before != md5:
+        here.unlink(missing_ok=True)  # never write through a link into DVC's cache
+        shutil.copyfile(weights, here)
+        for cmd in ([sys.executable, "-m", "pipeline", "featurizer"], dvc_cmd("commit", "-f", "featurizer")):
+            if run_logged(root, log, cmd) != 0:
+                raise ParamsError(f"restoring the study's featurizer failed: {' '.join(cmd[1:])} (see {log})")
+        said = (f"FID-proxy featurizer {md5} restored from {kept[0]} (this checkout had "
+                f"{before or 'none'}): the points computed here are measured with the records' instrument")
+    _newest_in_run_cache(root, md5)
+    if repro_shared(root, log, "featurizer") != 0:
         raise ParamsError(f"dvc repro featurizer failed (see {log})")
-    here = hashlib.md5((root / "build" / "featurizer.pt").read_bytes()).hexdigest()
-    if kept != [here]:
-        raise ParamsError(f"this checkout's FID-proxy featurizer (md5 {here}) is not the one the study's records were "
-                          f"measured with ({', '.join(kept)}, kept in {out / 'points'}): FID-proxy values of the "
-                          "points computed here would not be comparable with the recorded ones")
+    if (now := _md5(here)) != md5:
+        raise ParamsError(f"this checkout's FID-proxy featurizer (md5 {now}) is not the one the study's records "
+                          f"were measured with ({md5}): were they measured on other data? (see {log})")
+    return said
 
 
 def read(out: Path, point: Point, name: str, code: str | None) -> PointResult | None:

@@ -224,7 +224,8 @@ def run_models_first(root: Path, name: str, points: list[Point], parent: str, co
                        ", ".join(records.CODE_PATHS))
     todo = [i for i in range(len(points)) if i not in recorded]
     if todo and code is not None:
-        records.check_featurizer(root, out, summary.sweep_dir(root, name) / "logs" / "shared-stages.log")
+        if said := records.pin_featurizer(root, out, summary.sweep_dir(root, name) / "logs" / "shared-stages.log"):
+            logger.info("%s", said)
     order, after = model_order([points[i] for i in todo])
     ran = submit_points(root, name, [points[todo[j]] for j in order], parent, concurrency, None, devices, progress,
                         after) if todo else []

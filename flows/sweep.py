@@ -38,7 +38,7 @@ from flows.lifecycle import resumed_step, sweep_parent  # noqa: E402
 from flows.progress import Progress  # noqa: E402
 from flows.points import (  # noqa: E402
     NAME_RE, Point, PointError, PointResult, collect, combine_axes, dvc_cmd, execute, existing_exp, exp_ref, git,
-    make_grid, parse_grid, parse_set, point_params_error, tool_env,
+    make_grid, parse_grid, parse_set, point_params_error, repro_shared, tool_env,
 )
 from pipeline import tracking  # noqa: E402
 from pipeline.params import Overrides, ParamsError, load_params, overrides as typed_overrides  # noqa: E402
@@ -138,11 +138,7 @@ def warm_shared_stages(root: Path, name: str, grid: list[Point]) -> None:
     if any(k.startswith(("data.", "featurizer.")) for p in grid for k in p.settings()):
         return
     log = summary.sweep_dir(root, name) / "logs" / "shared-stages.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        returncode = interrupt.run(dvc_cmd("--wait-for-lock", "repro", "featurizer"), cwd=root, env=tool_env(),
-                                   stdout=f, stderr=subprocess.STDOUT)
-    if returncode != 0:
+    if repro_shared(root, log, "featurizer") != 0:
         get_run_logger().warning("dvc repro featurizer failed (see %s); each point runs its own", log)
 
 

@@ -1,6 +1,7 @@
 """Studies: the grid file, the contrasts, and a tiny digits study end to end through its command."""
 
 import csv
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from ddpm_core.checkpoint import load_checkpoint, save_checkpoint
 from flows import analysis, records, study_budget, study_report
 from flows.points import PointResult, point_params_error
 from flows.study import Study, load_study, model_key, model_order
@@ -214,6 +216,25 @@ def test_a_record_gives_the_point_back_exactly_for_its_code_and_settings_only(tm
     threads = Point(point.axes, (("train.threads", 1),))                 # --concurrency: the same point
     assert records.read(tmp_path / "out", threads, "s", "code-1") is not None
     assert records.read(tmp_path / "out", Point(point.axes, (("sample.n", 5),)), "s", "code-1") is None
+
+
+def test_a_featurizer_is_restored_only_from_one_intact_kept_copy(tmp_path, monkeypatch):
+    """pin_featurizer refuses, before any command runs, records with two instruments or a damaged one."""
+    ran = []
+    monkeypatch.setattr(records, "run_logged", lambda root, log, cmd: ran.append(cmd) or 0)
+    points = tmp_path / "out" / "points"
+    assert records.pin_featurizer(tmp_path, tmp_path / "out", tmp_path / "log") is None  # no records: nothing
+    weights = b"weights"
+    kept = points / f"featurizer-{hashlib.md5(weights).hexdigest()}" / "featurizer.pt"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(weights + b"!")  # damaged in the checkout
+    with pytest.raises(ParamsError, match="is missing or damaged"):
+        records.pin_featurizer(tmp_path, tmp_path / "out", tmp_path / "log")
+    kept.write_bytes(weights)
+    (points / ("featurizer-" + "0" * 32)).mkdir()
+    with pytest.raises(ParamsError, match="measured with 2 FID-proxy featurizers"):
+        records.pin_featurizer(tmp_path, tmp_path / "out", tmp_path / "log")
+    assert ran == []
 
 
 def test_a_points_wall_time_is_read_from_its_log(tmp_path):
@@ -495,15 +516,28 @@ def test_a_tiny_study_end_to_end_and_again_from_its_records_in_a_fresh_clone(har
     again_out = clone / "reports" / "studies" / "tiny"
     dropped = next((again_out / "points").glob("tiny-*/"))  # this point is computed again, beside the records
     shutil.rmtree(dropped)
-    kept = next((again_out / "points").glob("featurizer-*"))  # as if the records had another featurizer
-    kept.rename(kept.with_name("featurizer-" + "0" * 32))
+    kept = next((again_out / "points").glob("featurizer-*"))
+    kept.rename(kept.with_name("featurizer-" + "0" * 32))  # weights whose md5 is not their name: damaged
     capsys.readouterr()
-    assert main(["tiny.yaml"]) == 1  # refused before any point ran: FID-proxy values would not compare
+    assert main(["tiny.yaml"]) == 1  # refused before any point ran: they would not be measured like the records
     said = capsys.readouterr()
-    assert "is not the one the study's records were measured with" in said.out + said.err
+    assert "is missing or damaged" in said.out + said.err
     assert not list((clone / ".git" / "refs").glob("exps/**/tiny-*"))
     (again_out / "points" / ("featurizer-" + "0" * 32)).rename(kept)
+    # this checkout trains another featurizer (as another machine would): the records' one is restored
+    run("dvc repro featurizer", clone)
+    other = load_checkpoint(clone / "build" / "featurizer.pt")
+    first = next(iter(other["model"]))
+    other["model"][first] = other["model"][first] + 1e-3
+    (clone / "build" / "featurizer.pt").unlink()  # DVC may link it to its cache
+    save_checkpoint(other, clone / "build" / "featurizer.pt")
+    run("dvc commit -f featurizer", clone)
     assert main(["tiny.yaml"]) == 0
+    md5 = kept.name.removeprefix("featurizer-")
+    assert hashlib.md5((clone / "build" / "featurizer.pt").read_bytes()).hexdigest() == md5
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["featurizer"]["outs"]
+    assert next(o["md5"] for o in lock if o["path"] == "build/featurizer.pt") == md5
+    # (the recomputed point's FID-proxy below, equal to the first run's, is the proof it was measured with it)
     again = list(csv.DictReader((again_out / "summary.csv").open()))
     assert [r["exp_name"] for r in again if r["cached"] == "False"] == [dropped.name]
     assert (dropped / "record.json").exists()
