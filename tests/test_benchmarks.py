@@ -49,6 +49,23 @@ def test_device_check_tiny_runs_every_section_on_the_cpu(tmp_path):
     assert "compares the CPU with itself" in md and "--tiny" in md
 
 
+@pytest.mark.slow
+def test_bench_featurizer_smoke_trains_each_arm_and_a_setting_twice_gives_the_same_weights(tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "benchmarks/bench_featurizer.py", "--smoke", "--threads", "1", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    r = json.loads((out / "featurizer_smoke.json").read_text())
+    arms = r["arms"]
+    assert [a["threads"] for a in arms] == [1, 1, 2, 1] and arms[3]["kernels"] == "DEFAULT"
+    assert arms[0]["md5"] == arms[1]["md5"] and r["repeat_identical"]  # a setting is deterministic
+    assert r["distinct"] == len({a["md5"] for a in arms}) and all(len(a["md5"]) == 32 for a in arms)
+    for a in arms:  # a classifier of the digits test split, with its binomial interval
+        assert a["dataset"] == "digits" and a["n_test"] > 100
+        assert a["accuracy_ci"][0] <= a["accuracy"] <= a["accuracy_ci"][1] and 0.5 < a["accuracy"] <= 1
+    md = (out / "featurizer_smoke.md").read_text()
+    assert "The same setting twice gives the same weights" in md
+
+
 def test_ho_cifar10_unet_has_ho_et_al_s_parameter_count():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from device_check import HO_CIFAR10, HO_PARAMS
