@@ -115,7 +115,9 @@ def _newest_in_run_cache(root: Path, md5: str) -> None:
     changed (e.g. dvc.lock not committed) would otherwise get one this machine trained."""
     import yaml
 
-    cache = subprocess.run(dvc_cmd("cache", "dir"), cwd=root, capture_output=True, text=True, check=True)
+    cache = subprocess.run(dvc_cmd("cache", "dir"), cwd=root, capture_output=True, text=True)
+    if cache.returncode != 0:
+        raise ParamsError(f"dvc cache dir failed: {(cache.stderr.strip().splitlines() or ['?'])[-1]}")
     now = time.time()
     for entry in (Path(cache.stdout.strip()) / "runs").glob("*/*/*"):
         try:

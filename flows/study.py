@@ -30,7 +30,7 @@ import flows  # noqa: F401  (telemetry off, server start-up time: before prefect
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
-from flows import devices as gpus, interrupt, records, summary  # noqa: E402
+from flows import devices as gpus, interrupt, record_runs, records, summary  # noqa: E402
 from flows.lifecycle import FLOW_RUN_TAG, crash_flow_runs, current_flow_run  # noqa: E402
 from flows.points import NAME_RE, Point, PointResult, git  # noqa: E402
 from flows.progress import Progress  # noqa: E402
@@ -179,6 +179,7 @@ def _run_study(root: Path, spec: Study, concurrency: int, experiment: str, devic
     files: dict[str, Path] = {}
     try:
         results = run_models_first(root, spec.name, points, parent, concurrency, devices)
+        results = record_runs.log_recorded(root, experiment, parent, spec.name, results)
     finally:
         ok = sum(r.status == "ok" for r in results)
         message = f"{ok} of {len(points)} points succeeded"

@@ -547,6 +547,17 @@ def test_a_tiny_study_end_to_end_and_again_from_its_records_in_a_fresh_clone(har
         assert (again_out / name).read_text() == (out / name).read_text(), name
     assert len(list((again_out / "samples").glob("*.png"))) == 6
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlflow' / 'mlflow.db'}")
-    parents = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.study = 'tiny'")
+    exp_id = client.get_experiment_by_name("ddpm").experiment_id
+    parents = client.search_runs([exp_id], "tags.study = 'tiny'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # every point has its run under the study's parent: the recorded ones a run made from their record
+    kids = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    by_name = {r["exp_name"]: r for r in again}
+    assert sorted(k.data.tags.get("record_of") or k.data.tags["dvc_experiment"] for k in kids) == sorted(by_name)
+    from_records = [k for k in kids if k.data.tags.get("record_of")]
+    assert len(from_records) == 7 and dropped.name not in {k.data.tags["record_of"] for k in from_records}
+    for k in from_records:
+        assert k.info.status == "FINISHED" and k.data.metrics["fid_proxy"] == float(by_name[k.info.run_name]["fid_proxy"])
+        assert k.data.params["train.steps"] == by_name[k.info.run_name]["train.steps"]
+        assert "fid_proxy_diff" in k.data.metrics or by_name[k.info.run_name]["reference"] == "True"
     assert "error" not in run("dvc status", project).stdout.lower()
