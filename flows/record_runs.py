@@ -22,8 +22,7 @@ from pipeline.params import load_params
 RECORD_TAG = "record_of"  # the point's experiment name, on a run made from its record
 
 
-def log_recorded(root: Path, experiment: str, parent: str, name: str,
-                 results: list[PointResult]) -> list[PointResult]:
+def log_recorded(root: Path, parent: str, name: str, results: list[PointResult]) -> list[PointResult]:
     """`results` with each point read from a record given its run under `parent` (made now if the parent has
     none for it yet)."""
     import mlflow
@@ -33,7 +32,7 @@ def log_recorded(root: Path, experiment: str, parent: str, name: str,
     if not todo:
         return results
     client = mlflow.MlflowClient(tracking.tracking_uri())
-    exp_id = client.get_experiment_by_name(experiment).experiment_id
+    exp_id = client.get_run(parent).info.experiment_id
     children = client.search_runs([exp_id], f"tags.`{tracking.PARENT}` = '{parent}'", max_results=10_000)
     made = {run.data.tags[RECORD_TAG]: run.info.run_id for run in children if RECORD_TAG in run.data.tags}
     defaults, out = load_params(root / "params.yaml").flat(), list(results)

@@ -179,7 +179,6 @@ def _run_study(root: Path, spec: Study, concurrency: int, experiment: str, devic
     files: dict[str, Path] = {}
     try:
         results = run_models_first(root, spec.name, points, parent, concurrency, devices)
-        results = record_runs.log_recorded(root, experiment, parent, spec.name, results)
     finally:
         ok = sum(r.status == "ok" for r in results)
         message = f"{ok} of {len(points)} points succeeded"
@@ -212,10 +211,12 @@ def run_models_first(root: Path, name: str, points: list[Point], parent: str, co
     trains it, its other points start once that one has ended (DVC's run-cache restores their train stage, so
     points side by side never train the same model twice), and a free slot takes the next model's first point
     only when no trained model has points left. So few models are ever half done: a run stopped for good loses
-    at most the models in progress. Each point's record is written as it ends. Results in grid order."""
+    at most the models in progress. Each point's record is written as it ends; each point reused from its record
+    gets its MLflow run under `parent` first (flows/record_runs.py). Results in grid order."""
     logger, out, code = get_run_logger(), study_dir(root, name), records.code_id(root)
     progress = Progress(f"study {name}", len(points), logger, on_end=record_keeper(root, name, points, code))
     recorded = {i: r for i, p in enumerate(points) if (r := records.read(out, p, name, code))}
+    recorded = dict(zip(recorded, record_runs.log_recorded(root, parent, name, list(recorded.values()))))
     for r in recorded.values():
         progress.ended(r, log=False)
     if recorded:
