@@ -1,6 +1,7 @@
 """A study: a committed grid file run as one sweep, with the comparisons it exists for written beside the table.
 
     python -m flows.study flows/studies/schedule-T-objective.yaml [--gpu] [--concurrency N | --devices 0,1,...]
+    python -m flows.study FILE --records | --report     (runs nothing: write records / a report from the records)
 
 The grid file names the study, its budget (params keys every point gets; `gpu_budget` replaces them with
 --gpu), bundles (one grid value that sets several keys, e.g. `training: improved` = learned_range + hybrid;
@@ -295,6 +296,31 @@ def write_records(root: Path, spec: Study) -> int:
     return written
 
 
+def write_interim_report(root: Path, spec: Study) -> tuple[int, dict[str, Path]]:
+    """The study's summary, contrasts, plots and sheets from its records alone, e.g. to read and commit the
+    answers so far of a study that takes several sessions: a point without a record stands as not run yet
+    (status "pending"), and every contrast or change that needs it is left out. Runs nothing; a later run of the
+    study writes the whole report over it. Returns how many points had a record, and the files."""
+    from flows import study_report
+
+    code, out, points = records.code_id(root), study_dir(root, spec.name), spec.points()
+    if code is None:
+        raise ParamsError(f"{', '.join(records.CODE_PATHS)} have uncommitted changes: the records could not be "
+                          "matched to the code that made them")
+    results = [records.read(out, p, spec.name, code)
+               or PointResult(dict(p.axes), summary.PENDING, p.exp_name(spec.name), reason="no record yet")
+               for p in points]
+    done = sum(r.status == "ok" for r in results)
+    if not done:
+        raise ParamsError(f"no point of study {spec.name} has a record in {out / 'points'} for this code ({code})")
+    note = (f"**Interim report: {done} of {len(points)} points**, read from their records in points/ (code {code}, "
+            f"commit {git(root, 'rev-parse', 'HEAD')[:10]}); the others have not run yet, so every contrast that "
+            "needs one of them is missing here. A run of the study writes the whole report over this one.")
+    header = f"{note} Every point: {spec.overrides}."
+    files = summary.write_all(root, spec.name, results, header, spec.reference_axes(), out, "Study")["files"]
+    return done, {**files, **study_report.write_all(root, spec, results, out, note)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.study", description=__doc__.splitlines()[0])
     ap.add_argument("path", help="the study's grid file, e.g. flows/studies/schedule-T-objective.yaml")
@@ -304,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                     "CUDA_VISIBLE_DEVICES; instead of --concurrency")
     ap.add_argument("--records", action="store_true", help="only write the records of the points finished in "
                     "this checkout (reports/studies/NAME/points/), e.g. to commit a study's progress; runs nothing")
+    ap.add_argument("--report", action="store_true", help="only write the report (summary, contrasts, plots, "
+                    "sheets) from the points that have a record, the others marked not run yet; runs nothing")
     args = ap.parse_args(argv)
     try:
         devices = gpus.parse_devices(args.devices) if args.devices is not None else None
@@ -313,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.records:
             print(f"study {spec.name}: {write_records(Path.cwd(), spec)} records written in "
                   f"{study_dir(Path.cwd(), spec.name) / 'points'}")
+            return 0
+        if args.report:
+            done, files = write_interim_report(Path.cwd(), spec)
+            print(f"study {spec.name}: interim report from {done} of {len(spec.points())} points in "
+                  f"{study_dir(Path.cwd(), spec.name)} ({len(files)} files)")
             return 0
     except ParamsError as e:
         print(f"error: study: {e}", file=sys.stderr)

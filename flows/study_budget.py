@@ -80,7 +80,7 @@ def by_budget(spec: "Study", pairs: list["Pair"]) -> dict[tuple, dict[Any, "Pair
 
 def changes(spec: "Study", pairs: list["Pair"]) -> pd.DataFrame:
     """One row per contrast and pair of consecutive budgets: a - b at both, the change and its interval."""
-    from .study_report import axis_of, estimate
+    from .study_report import axis_of, estimate, whole_axes
 
     rows = []
     for (axis, metric, shared, a, b), at in by_budget(spec, pairs).items():
@@ -98,7 +98,7 @@ def changes(spec: "Study", pairs: list["Pair"]) -> pd.DataFrame:
     if frame.empty:
         return frame
     names = [n for n in axis_of(spec) if n in frame.columns]  # the shared axes in grid order
-    return frame[["axis", "metric", *names, *VALUE_COLUMNS]]
+    return whole_axes(frame[["axis", "metric", *names, *VALUE_COLUMNS]], names)
 
 
 def _estimate_columns(prefix: str, est) -> dict[str, float | None]:

@@ -114,17 +114,24 @@ def estimate(metric: str, points: list[PointResult], weights: list[float]) -> Es
 
 def _pairs(spec: "Study", points: list[PointResult], name: str, pick_b, metric: str) -> list[Pair]:
     """Every point a against the point b that differs from it only in axis `name`, b's value chosen by
-    pick_b(a's value, the values that axis takes where every other axis is as in a, in grid order)."""
+    pick_b(a's value, the values that axis takes where every other axis is as in a, in grid order). For bits/dim
+    `points` has one point per model and the sampling axes are not compared: two models pair whichever of their
+    points stand for them (a study part-way through may not have sampled both alike)."""
     axis = axis_of(spec)[name]
     order = {v: i for i, v in enumerate(dict.fromkeys(v for g in spec.grids for v in g.get(axis, [])))}
+    bound = metric in analysis.BPD_METRICS  # a model's bound: whichever of its points stands for it
+
+    def names_of(r: PointResult) -> dict[str, Any]:
+        return {k: v for k, v in axis_names(spec, r.axes).items() if not (bound and _is_sampling(spec, k))}
+
     index, present = {}, {}
     for r in points:
-        names = axis_names(spec, r.axes)
+        names = names_of(r)
         index[tuple(sorted((k, str(v)) for k, v in names.items()))] = r
         present.setdefault(_without(names, name), []).append(names[name])
     pairs = []
     for a in points:
-        names = axis_names(spec, a.axes)
+        names = names_of(a)
         b_value = pick_b(names[name], sorted(present[_without(names, name)], key=lambda v: order.get(v, len(order))))
         if b_value is None or b_value == names[name]:
             continue
@@ -180,8 +187,20 @@ def contrasts(spec: "Study", results: list[PointResult], pairs: list[Pair] | Non
     rows = [_row(p, spec) for p in (contrast_pairs(spec, results) if pairs is None else pairs)]
     frame = pd.DataFrame(rows)
     names = [n for n in axis_of(spec) if n in frame.columns]
-    return frame[["axis", "metric", *names, *[c for c in frame.columns if c not in ("axis", "metric", *names)]]] \
+    return whole_axes(frame[["axis", "metric", *names, *[c for c in frame.columns if c not in ("axis", "metric",
+                                                                                              *names)]]], names) \
         if rows else frame
+
+
+def whole_axes(frame: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Integer axis values stay integers (T 100, not 100.0) in columns that are empty on some rows (the axis's
+    own contrasts): pandas makes such columns float."""
+    for n in names:
+        col = frame[n]
+        if col.dtype.kind == "f" and (col.dropna() % 1 == 0).all():
+            frame[n] = col.astype("Int64")
+    return frame
+
 
 def _one_point_per_model(spec: "Study", ok: list[PointResult]) -> list[PointResult]:
     """The model's point with the most sampling steps: every point of a model has the same bits/dim."""
@@ -193,8 +212,8 @@ def _one_point_per_model(spec: "Study", ok: list[PointResult]) -> list[PointResu
     return list(best.values())
 
 
-def contrasts_markdown(name: str, frame: pd.DataFrame) -> str:
-    parts = [f"# Study {name}: contrasts", "",
+def contrasts_markdown(name: str, frame: pd.DataFrame, note: str = "") -> str:
+    parts = [f"# Study {name}: contrasts", "", *([note, ""] if note else []),
              "Each row: a minus b, where a and b differ in one axis only; paired (bits/dim: the same test images "
              "and noise draws; FID-proxy: bootstrap with the same reference images), with its 95% interval. The "
              "intervals cover the estimator's noise for the two trained models as they are; the `seed` rows show "
@@ -391,7 +410,9 @@ def _tile(images: np.ndarray, pad: int = 1) -> np.ndarray:
 
 
 # --- everything ------------------------------------------------------------------------------------------
-def write_all(root: Path, spec: "Study", results: list[PointResult], out: Path) -> dict[str, Path]:
+def write_all(root: Path, spec: "Study", results: list[PointResult], out: Path, note: str = "") -> dict[str, Path]:
+    """contrasts.csv / .md (`note` under the title), budget_changes.csv and a plot per claim where a budget axis
+    has two budgets, the plots and a sample sheet per model, in `out`; points not "ok" are left out."""
     ok = [r for r in results if r.status == "ok"]
     files = {"contrasts_csv": out / "contrasts.csv", "contrasts_md": out / "contrasts.md",
              "bpd_vs_T": out / "bpd_vs_T.png", "fid_vs_steps": out / "fid_vs_steps.png",
@@ -401,7 +422,7 @@ def write_all(root: Path, spec: "Study", results: list[PointResult], out: Path) 
     frame.to_csv(files["contrasts_csv"], index=False)
     changes = study_budget.changes(spec, pairs)  # empty at one budget: the tables are as they always were
     across = "\n" + study_budget.changes_markdown(spec, changes) if not changes.empty else ""
-    files["contrasts_md"].write_text(contrasts_markdown(spec.name, frame) + across)
+    files["contrasts_md"].write_text(contrasts_markdown(spec.name, frame, note) + across)
     if not changes.empty:
         files["budget_changes_csv"] = out / "budget_changes.csv"
         changes.to_csv(files["budget_changes_csv"], index=False)

@@ -13,6 +13,10 @@ import pandas as pd
 from . import analysis
 from .points import PointResult, short_key
 
+MAX_LEGEND_LINES = 12      # more lines than this in sweep.png: its legend goes under the panels
+LINE_STYLES = ("-", "--", ":", "-.")
+PENDING = "pending"  # a study's point not computed yet, in a report written from its records (flows/study.py)
+
 MD_METRICS = ("status", "bpd", "bpd_ci_low", "bpd_ci_high", "bpd_diff", "bpd_diff_ci_low", "bpd_diff_ci_high",
               "decoder_bpd", "fid_proxy", "fid_proxy_ci_low", "fid_proxy_ci_high", "fid_proxy_diff",
               "fid_proxy_diff_ci_low", "fid_proxy_diff_ci_high", "fid_proxy_floor", "sample_steps", "seconds",
@@ -24,7 +28,7 @@ def sweep_dir(root: Path, name: str) -> Path:
 
 
 def fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
         return ""
     if isinstance(v, (float, np.floating)):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
@@ -67,34 +71,43 @@ def plot(results: list[PointResult], path: Path, title: str) -> None:
     numeric = all(isinstance(x, (int, float)) for x in xs)
     pos = {x: (x if numeric else i) for i, x in enumerate(xs)}
     line_keys = [k for k in results[0].axes if k not in (x_key, analysis.SEED_KEY)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    lines: dict[tuple, list[PointResult]] = {}
+    for r in ok:
+        lines.setdefault(tuple(r.axes[k] for k in line_keys), []).append(r)
+    below = len(lines) > MAX_LEGEND_LINES  # many lines: one legend under both panels, in columns
+    rows = -(-(len(lines) + 1) // 3) if below else 0
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.17 * rows), constrained_layout=True)
     for ax, key, label in ((axes[0], "bpd", "negative ELBO (bits/dim)"), (axes[1], "fid_proxy", "FID-proxy")):
-        lines: dict[tuple, list[PointResult]] = {}
-        for r in ok:
-            lines.setdefault(tuple(r.axes[k] for k in line_keys), []).append(r)
-        for n, (line, members) in enumerate(lines.items()):
+        for n, (line, members) in enumerate(lines.items()):  # ten colours, then the next line style
             name = ", ".join(str(v) for v in line) or "all points"
-            _plot_line(ax, members, x_key, pos, key, f"C{n}", name)
+            _plot_line(ax, members, x_key, pos, key, (f"C{n % 10}", LINE_STYLES[n // 10 % len(LINE_STYLES)]), name)
         if key == "fid_proxy" and ok:
             ax.axhline(min(r.metrics["fid_proxy_floor"] for r in ok), color="grey", ls=":", label="real-vs-real floor")
         _x_ticks(ax, xs, pos, numeric, short_key(x_key))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        if ok:
+        if ok and not below:
             ax.legend(fontsize=8)
-    failed = [r.label for r in results if r.status != "ok"]
+    if below:
+        fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=7)
+    failed = [r.label for r in results if r.status not in ("ok", PENDING)]
+    pending = sum(r.status == PENDING for r in results)
     fig.suptitle(title + "\nerror bars: 95% intervals of each run (test images, noise, samples); markers: seeds"
-                 + (f"\nfailed: {'; '.join(failed)}" if failed else ""), fontsize=9)
+                 + (f"\nfailed: {'; '.join(failed)}" if failed else "")
+                 + (f"\n{pending} of {len(results)} points not run yet" if pending else ""), fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_line(ax, members: list[PointResult], x_key: str, pos: dict, key: str, color: str, name: str) -> None:
+def _plot_line(ax, members: list[PointResult], x_key: str, pos: dict, key: str, style: tuple[str, str],
+               name: str) -> None:
+    color, ls = style
     by_x: dict[Any, list[PointResult]] = {}
     for r in members:
         by_x.setdefault(r.axes[x_key], []).append(r)
     xs = sorted(by_x, key=lambda x: pos[x])
-    ax.plot([pos[x] for x in xs], [np.mean([r.metrics[key] for r in by_x[x]]) for x in xs], color=color, label=name)
+    ax.plot([pos[x] for x in xs], [np.mean([r.metrics[key] for r in by_x[x]]) for x in xs], color=color, ls=ls,
+            label=name)
     for x in xs:
         k = len(by_x[x])
         for j, r in enumerate(by_x[x]):  # seeds side by side: a small offset each (relative on a log axis)
@@ -142,7 +155,8 @@ def report_markdown(name: str, header: str, results: list[PointResult], frame: p
     ref_text = (f"Reference point: **{results[ref].label}**. Differences are point minus reference, paired: the "
                 "same test images and noise draws for bits/dim, the same reference images for the FID-proxy; their "
                 "intervals cover the estimator's noise, not training seeds." if ref is not None else
-                "No point succeeded: no reference, no differences.")
+                "The reference point has not succeeded (or not run yet): no differences."
+                if any(r.status == "ok" for r in results) else "No point succeeded: no reference, no differences.")
     parts = [f"# {kind} {name}", "", header, "", ref_text, ""]
     parts += [f"- {v}" for v in verdicts] + ([""] if verdicts else [])
     parts += [markdown(frame, [*axis_columns(results), "reference", *MD_METRICS]), ""]

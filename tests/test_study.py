@@ -419,6 +419,51 @@ def test_a_second_budget_writes_its_changes_and_a_plot_per_claim(tmp_path, monke
     assert "budget_changes_csv" not in one and "Across" not in one["contrasts_md"].read_text()
 
 
+def test_an_interim_report_from_the_records_leaves_out_what_needs_a_point_not_run_yet(tmp_path, monkeypatch,
+                                                                                     few_reps, capsys):
+    """--report: a study part-way through, read from its records; nothing runs, pending points are named as such."""
+    import flows.study as study_mod
+
+    late_done = {("linear", "fixed_small", 0)}  # at 1,600 steps only linear ho (seed 0), and not ancestral 100
+    done = lambda a: a["train.steps"] == 400 or (  # noqa: E731
+        a["diffusion.schedule"], a["diffusion.variance"], a["train.seed"]) in late_done and a["sample.steps"] != 100
+    read = lambda out, point, name, code: fake_b(dict(point.axes)) if done(dict(point.axes)) else None  # noqa: E731
+    monkeypatch.setattr(records, "read_exp_file", fake_reader)
+    monkeypatch.setattr(records, "read", read)
+    monkeypatch.setattr(records, "code_id", lambda root: "code-1")
+    monkeypatch.setattr(study_mod, "git", lambda root, *args: "c0ffee1234")
+    n, files = study_mod.write_interim_report(tmp_path, SPEC_B)
+    points = SPEC_B.points()
+    assert n == sum(done(dict(p.axes)) for p in points) == 18 + 3 and len(points) == 36
+    out = tmp_path / "reports" / "studies" / "b"
+    summary_md = (out / "summary.md").read_text()
+    assert "**Interim report: 21 of 36 points**" in summary_md and "code code-1, commit c0ffee1234" in summary_md
+    assert "The reference point has not succeeded (or not run yet)" not in summary_md  # SPEC_B has no reference
+    table = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["status"] for r in table].count("pending") == 15
+    assert {r["reason"] for r in table if r["status"] == "pending"} == {"no record yet"}
+    assert "Interim report: 21 of 36 points" in (out / "contrasts.md").read_text()
+    contrasts = list(csv.DictReader(files["contrasts_csv"].open()))
+    assert {(r["axis"], r["a"], r["b"]) for r in contrasts if r["budget"] == "1600"} == \
+        {("steps", "10", "20"), ("sampler", "dpm_solver++", "ancestral")}  # linear ho only
+    budget = [r for r in contrasts if r["axis"] == "budget" and r["metric"] == "bpd"]  # the bound: any point of each
+    assert len(budget) == 1 and float(budget[0]["diff"]) == pytest.approx(-0.4, abs=0.01)  # model stands for it
+    changes = list(csv.DictReader(files["budget_changes_csv"].open()))
+    assert changes and {r["axis"] for r in changes} == {"steps", "sampler"}  # the others need a pending point
+    assert files["plot"].read_bytes()[:8] == PNG and len(list((out / "samples").glob("*.png"))) == 6
+    monkeypatch.setattr(records, "read", lambda *a: None)
+    with pytest.raises(ParamsError, match="no point of study b has a record"):
+        study_mod.write_interim_report(tmp_path, SPEC_B)
+    monkeypatch.setattr(records, "code_id", lambda root: None)
+    with pytest.raises(ParamsError, match="uncommitted changes"):
+        study_mod.write_interim_report(tmp_path, SPEC_B)
+    monkeypatch.chdir(tmp_path)  # the command: one line, exit status 2, nothing written
+    assert study_mod.main([str(write(tmp_path, yaml.safe_dump(GOOD))), "--report"]) == 2
+    assert not (tmp_path / "reports" / "studies" / "s").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("error: study: ") and "uncommitted changes" in err and err.count("\n") == 1
+
+
 # --- slow: a tiny digits study through its command -------------------------------------------------------
 TINY_AXES = {"budget": [8, 16], "diffusion.schedule": ["linear"], "diffusion.T": [30], "training": ["ho"],
              "sample.sampler": ["ancestral"], "sample.steps": [4]}
