@@ -134,6 +134,9 @@ def _ci(d, lo, hi) -> str:
     return f"{fmt(d)} ({fmt(lo)} to {fmt(hi)})" if d is not None and not pd.isna(d) else ""
 
 
+LEGEND_INSIDE = 8  # lines a claim panel's legend may cover; more go under the panel
+
+
 def plot_claims(spec: "Study", pairs: list["Pair"], out: Path) -> dict[str, Path]:
     """claim_AXIS_vs_budget.png for every contrasted axis but the budget: a panel per metric, the contrast a - b
     with its 95% interval against training steps, a line per comparison (the other axes as labelled)."""
@@ -144,8 +147,10 @@ def plot_claims(spec: "Study", pairs: list["Pair"], out: Path) -> dict[str, Path
     files = {}
     for axis in dict.fromkeys(key[0] for key in groups):
         metrics = list(dict.fromkeys(key[1] for key in groups if key[0] == axis))
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), constrained_layout=True,
-                                 squeeze=False)
+        most = max(sum(key[:2] == (axis, m) for key in groups) for m in metrics)
+        below = most > LEGEND_INSIDE  # many lines: each panel's legend under it, the figure taller to hold it
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4 + (0.13 * most if below else 0)),
+                                 constrained_layout=True, squeeze=False)
         for ax, metric in zip(axes[0], metrics):
             lines = [(key, at) for key, at in groups.items() if key[:2] == (axis, metric)]
             several = len({key[3:] for key, _ in lines}) > 1  # e.g. steps: 10 - 100 and 25 - 100
@@ -163,7 +168,10 @@ def plot_claims(spec: "Study", pairs: list["Pair"], out: Path) -> dict[str, Path
             ax.set_xlabel("training steps")
             ax.set_ylabel(f"{metric}: a - b" if several else f"{metric}: {lines[0][0][3]} - {lines[0][0][4]}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=6, ncol=1 + len(lines) // 12)
+            if below:
+                ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+            else:
+                ax.legend(fontsize=6)
         fig.suptitle(f"{spec.name}: {axis} contrast against the training budget (paired 95% intervals; "
                      "estimator noise, not training noise)", fontsize=9)
         files[f"claim_{axis}"] = out / f"claim_{axis}_vs_budget.png"
