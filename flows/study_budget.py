@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .summary import LINE_STYLES, fmt, markdown
+from .summary import fmt, line_style, markdown
 
 if TYPE_CHECKING:
     from .study import Study
@@ -162,8 +162,8 @@ def plot_claims(spec: "Study", pairs: list["Pair"], out: Path) -> dict[str, Path
                 ys = [e.mean if e else np.nan for e in ests]
                 err = [[e.mean - e.ci_low if e else 0 for e in ests], [e.ci_high - e.mean if e else 0 for e in ests]]
                 label = ", ".join([f"{k} {v}" for k, v in shared] + ([f"{a} - {b}"] if several else []))
-                ax.errorbar(xs, ys, yerr=err, fmt="o", ls=LINE_STYLES[i // 10 % len(LINE_STYLES)], color=f"C{i % 10}",
-                            ms=3, capsize=3, lw=1, label=label, alpha=0.85)  # ten colours, then the next style
+                ax.errorbar(xs, ys, yerr=err, fmt="o", **line_style(i), ms=3, capsize=3, lw=1, label=label,
+                            alpha=0.85)
             ax.axhline(0, color="grey", lw=0.8)
             _log_ticks(ax, sorted({budget_steps(spec, v) for _, at in lines for v in at}))
             ax.set_xlabel("training steps")

@@ -78,9 +78,9 @@ def plot(results: list[PointResult], path: Path, title: str) -> None:
     rows = -(-(len(lines) + 1) // 3) if below else 0
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.17 * rows), constrained_layout=True)
     for ax, key, label in ((axes[0], "bpd", "negative ELBO (bits/dim)"), (axes[1], "fid_proxy", "FID-proxy")):
-        for n, (line, members) in enumerate(lines.items()):  # ten colours, then the next line style
+        for n, (line, members) in enumerate(lines.items()):
             name = ", ".join(str(v) for v in line) or "all points"
-            _plot_line(ax, members, x_key, pos, key, (f"C{n % 10}", LINE_STYLES[n // 10 % len(LINE_STYLES)]), name)
+            _plot_line(ax, members, x_key, pos, key, line_style(n), name)
         if key == "fid_proxy" and ok:
             ax.axhline(min(r.metrics["fid_proxy_floor"] for r in ok), color="grey", ls=":", label="real-vs-real floor")
         _x_ticks(ax, xs, pos, numeric, short_key(x_key))
@@ -99,14 +99,19 @@ def plot(results: list[PointResult], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _plot_line(ax, members: list[PointResult], x_key: str, pos: dict, key: str, style: tuple[str, str],
+def line_style(n: int) -> dict[str, str]:
+    """The n-th line of a plot: ten colours, then the same colours in the next line style."""
+    return {"color": f"C{n % 10}", "ls": LINE_STYLES[n // 10 % len(LINE_STYLES)]}
+
+
+def _plot_line(ax, members: list[PointResult], x_key: str, pos: dict, key: str, style: dict[str, str],
                name: str) -> None:
-    color, ls = style
+    color = style["color"]
     by_x: dict[Any, list[PointResult]] = {}
     for r in members:
         by_x.setdefault(r.axes[x_key], []).append(r)
     xs = sorted(by_x, key=lambda x: pos[x])
-    ax.plot([pos[x] for x in xs], [np.mean([r.metrics[key] for r in by_x[x]]) for x in xs], color=color, ls=ls,
+    ax.plot([pos[x] for x in xs], [np.mean([r.metrics[key] for r in by_x[x]]) for x in xs], **style,
             label=name)
     for x in xs:
         k = len(by_x[x])
