@@ -74,3 +74,16 @@ def test_ho_cifar10_unet_has_ho_et_al_s_parameter_count():
 
     assert sum(p.numel() for p in build_unet(HO_CIFAR10, 3, 32).parameters()) == HO_PARAMS
     assert round(HO_PARAMS / 1e6, 1) == 35.7
+
+
+def test_bench_report_threads_times_each_arm_in_its_own_process(tmp_path):
+    """Each arm's process has its OPENBLAS_NUM_THREADS; every arm writes n timings with an interval around them."""
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "benchmarks/bench_report_threads.py", "--reps", "3", "--out", str(out),
+                    "--stem", "smoke"], cwd=ROOT, check=True, capture_output=True,
+                   env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    r = json.loads((out / "smoke.json").read_text())
+    assert [a["threads"] for a in r["arms"]] == [1, 2]
+    for a in r["arms"]:
+        assert a["n"] == 3 and 0 < a["median_ms"] and a["ci_low_ms"] <= a["mean_ms"] <= a["ci_high_ms"]
+    assert "| 2 | 3 |" in (out / "smoke.md").read_text()
