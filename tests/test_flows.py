@@ -244,10 +244,16 @@ def exp_names(folder):
 
 
 def flow_run_log(flow_run_id) -> list[str]:
-    """The messages of a flow run's log, as the Prefect UI shows them."""
+    """The messages of a flow run's log, as the Prefect UI shows them.
+
+    Prefect sends log records to its API from a background worker in batches, so a flow that has just
+    returned may still have its last lines queued (CI once read 2 of the 4 progress lines): send them
+    first, as the UI would show them a moment later."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
 
+    APILogWorker.drain_all(timeout=30)
     with get_client(sync_client=True) as pc:
         logs = pc.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
     return [entry.message for entry in sorted(logs, key=lambda entry: entry.timestamp)]
