@@ -134,48 +134,81 @@ def _ci(d, lo, hi) -> str:
     return f"{fmt(d)} ({fmt(lo)} to {fmt(hi)})" if d is not None and not pd.isna(d) else ""
 
 
-LEGEND_INSIDE = 8  # lines a claim panel's legend may cover; more go under the panel
+PANEL_COLUMNS = 4  # claim plots: panels a row
+
+
+def claim_panels(spec: "Study", groups: dict[tuple, dict], axis: str) -> list[tuple[str, str, str, list[tuple[str, dict]]]]:
+    """The panels of claim_AXIS_vs_budget.png: (metric, sampling setting, what a - b is, [(line label,
+    {budget: pair})]).
+
+    A metric measured on samples gets a panel per sampling setting (sampler and steps, where the contrast holds
+    them fixed), so each panel has a line per model, not one per model and setting; a line's label is the rest
+    of what its two points share (and a - b where the panel holds several). `groups`: by_budget's."""
+    from .study_report import axis_of
+
+    sampling = {name for name, key in axis_of(spec).items() if key.startswith("sample.")}
+    panels: dict[tuple[str, str], list[tuple[str, dict]]] = {}
+    for (name, metric, shared, a, b), at in groups.items():
+        if name != axis:
+            continue
+        setting = ", ".join(f"{k} {v}" for k, v in shared if k in sampling)
+        panels.setdefault((metric, setting), []).append((shared, a, b, at))
+    out = []
+    for (metric, setting), lines in panels.items():
+        contrasts = list(dict.fromkeys(f"{a} - {b}" for _, a, b, _ in lines))
+        several = len(contrasts) > 1  # e.g. steps: 10 - 100 and 25 - 100
+        out.append((metric, setting, "a - b" if several else contrasts[0],
+                    [(", ".join([f"{k} {v}" for k, v in shared if k not in sampling] + ([f"{a} - {b}"] if several else [])),
+                      at) for shared, a, b, at in lines]))
+    return out
 
 
 def plot_claims(spec: "Study", pairs: list["Pair"], out: Path) -> dict[str, Path]:
-    """claim_AXIS_vs_budget.png for every contrasted axis but the budget: a panel per metric, the contrast a - b
-    with its 95% interval against training steps, a line per comparison (the other axes as labelled)."""
+    """claim_AXIS_vs_budget.png for every contrasted axis but the budget: a panel per metric (and sampling
+    setting, for the FID-proxy), the contrast a - b with its 95% interval against training steps, a line per
+    comparison, coloured alike in every panel, with one legend under the panels."""
     from .study_report import _log_ticks, _plt
 
     plt = _plt()
-    groups = by_budget(spec, pairs)
     files = {}
+    groups = by_budget(spec, pairs)
     for axis in dict.fromkeys(key[0] for key in groups):
-        metrics = list(dict.fromkeys(key[1] for key in groups if key[0] == axis))
-        most = max(sum(key[:2] == (axis, m) for key in groups) for m in metrics)
-        below = most > LEGEND_INSIDE  # many lines: each panel's legend under it, the figure taller to hold it
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4 + (0.13 * most if below else 0)),
+        panels = claim_panels(spec, groups, axis)
+        labels = list(dict.fromkeys(label for *_, lines in panels for label, _ in lines))
+        cols = min(len(panels), PANEL_COLUMNS)
+        rows = -(-len(panels) // cols)
+        legend_rows = -(-len(labels) // 2)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows + 0.5 + 0.16 * legend_rows),
                                  constrained_layout=True, squeeze=False)
-        for ax, metric in zip(axes[0], metrics):
-            lines = [(key, at) for key, at in groups.items() if key[:2] == (axis, metric)]
-            several = len({key[3:] for key, _ in lines}) > 1  # e.g. steps: 10 - 100 and 25 - 100
-            for i, ((_, _, shared, a, b), at) in enumerate(lines):
-                budgets = sorted(at, key=lambda v: budget_steps(spec, v))
-                shift = 1 + 0.06 * (i - (len(lines) - 1) / 2) / max(1, len(lines))
-                xs = [budget_steps(spec, v) * shift for v in budgets]
-                ests = [at[v].est for v in budgets]
-                ys = [e.mean if e else np.nan for e in ests]
-                err = [[e.mean - e.ci_low if e else 0 for e in ests], [e.ci_high - e.mean if e else 0 for e in ests]]
-                label = ", ".join([f"{k} {v}" for k, v in shared] + ([f"{a} - {b}"] if several else []))
-                ax.errorbar(xs, ys, yerr=err, fmt="o", **line_style(i), ms=3, capsize=3, lw=1, label=label,
-                            alpha=0.85)
-            ax.axhline(0, color="grey", lw=0.8)
+        shared_y: dict[str, Any] = {}
+        for ax, (metric, setting, contrast, lines) in zip(axes.flat, panels):
+            if metric in shared_y:
+                ax.sharey(shared_y[metric])  # one metric's panels on one scale
+            shared_y.setdefault(metric, ax)
+            _draw_panel(ax, spec, lines, labels)
             _log_ticks(ax, sorted({budget_steps(spec, v) for _, at in lines for v in at}))
-            ax.set_xlabel("training steps")
-            ax.set_ylabel(f"{metric}: a - b" if several else f"{metric}: {lines[0][0][3]} - {lines[0][0][4]}")
-            ax.grid(alpha=0.3)
-            if below:
-                ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-            else:
-                ax.legend(fontsize=6)
+            ax.set_ylabel(f"{metric}: {contrast}")
+            ax.set_title(f"{metric}, {setting}" if setting else metric, fontsize=9)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+        handles = [plt.Line2D([], [], marker="o", ms=3, lw=1, **line_style(n)) for n in range(len(labels))]
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=7)
         fig.suptitle(f"{spec.name}: {axis} contrast against the training budget (paired 95% intervals; "
                      "estimator noise, not training noise)", fontsize=9)
         files[f"claim_{axis}"] = out / f"claim_{axis}_vs_budget.png"
         fig.savefig(files[f"claim_{axis}"], dpi=110)
         plt.close(fig)
     return files
+
+
+def _draw_panel(ax, spec: "Study", lines: list[tuple[str, dict]], labels: list[str]) -> None:
+    for i, (label, at) in enumerate(lines):
+        budgets = sorted(at, key=lambda v: budget_steps(spec, v))
+        shift = 1 + 0.06 * (i - (len(lines) - 1) / 2) / max(1, len(lines))  # side by side, not on top
+        ests = [at[v].est for v in budgets]
+        ax.errorbar([budget_steps(spec, v) * shift for v in budgets], [e.mean if e else np.nan for e in ests],
+                    yerr=[[e.mean - e.ci_low if e else 0 for e in ests], [e.ci_high - e.mean if e else 0 for e in ests]],
+                    fmt="o", **line_style(labels.index(label)), ms=3, capsize=3, lw=1, alpha=0.85)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("training steps")
+    ax.grid(alpha=0.3)

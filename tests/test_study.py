@@ -404,6 +404,21 @@ def test_contrasts_at_each_budget_and_their_change_between_budgets(few_reps):
     md = study_budget.changes_markdown(SPEC_B, changes)
     assert "## training: bpd, across budgets" in md and "| linear | 0 | improved - ho | 400 -> 1600 |" in md
 
+    # the claim plot: a panel per metric and, for the FID-proxy, per sampling setting, each with a line per model
+    groups = study_budget.by_budget(SPEC_B, pairs)
+    panels = {(metric, setting): lines for metric, setting, contrast, lines in
+              study_budget.claim_panels(SPEC_B, groups, "training") if contrast == "improved - ho"}
+    assert set(panels) == {("bpd", ""), ("bpd_without_last_term", ""), ("fid_proxy", "sampler ancestral, steps 10"),
+                           ("fid_proxy", "sampler ancestral, steps 100"), ("fid_proxy", "sampler dpm_solver++, steps 10"),
+                           ("fid_proxy", "sampler dpm_solver++, steps 20")}
+    for lines in panels.values():  # the same two models in every panel, at both budgets
+        assert [label for label, _ in lines] == ["schedule linear, seed 0", "schedule cosine, seed 0"]
+        assert all(sorted(at) == [400, 1600] for _, at in lines)
+    steps = study_budget.claim_panels(SPEC_B, groups, "steps")
+    assert {(setting, contrast) for _, setting, contrast, _ in steps} == {("sampler ancestral", "10 - 100"),
+                                                                          ("sampler dpm_solver++", "10 - 20")}
+    assert {label for *_, lines in steps for label, _ in lines} >= {"schedule linear, training ho, seed 0"}
+
 
 def test_a_second_budget_writes_its_changes_and_a_plot_per_claim(tmp_path, monkeypatch, few_reps):
     monkeypatch.setattr(records, "read_exp_file", fake_reader)
