@@ -161,17 +161,23 @@ def verdict(label: str, ref_label: str, metric: str, diff: float | None, low: fl
 
 
 def verdicts(results: list[PointResult], frame: pd.DataFrame, ref: int | None) -> list[str]:
-    """The verdict sentences of every point against the reference, bits/dim first."""
+    """The verdict sentences of every point against the reference, bits/dim first. Bits/dim are the model's,
+    whatever the sampler: one sentence per trained model (named without the sampling axes), at its first
+    point, and none for the reference's own model."""
     if ref is None:
         return []
-    out, ref_label = [], results[ref].label
+    out, said = [], {results[ref].model_label}
     for i, r in enumerate(results):
         row = frame.iloc[i]
+        labels = {"bpd": (r.model_label, results[ref].model_label), "fid_proxy": (r.label, results[ref].label)}
         counts = {"bpd": f"paired over {len(set(r.bpd_per_image) & set(results[ref].bpd_per_image))} test images",
                   "fid_proxy": f"bootstrap over {r.metrics.get('n_fid', 0):.0f} samples per side"}
         for metric, count in counts.items():
-            s = verdict(r.label, ref_label, metric, row[f"{metric}_diff"], row[f"{metric}_diff_ci_low"],
+            if metric == "bpd" and r.model_label in said:
+                continue
+            s = verdict(*labels[metric], metric, row[f"{metric}_diff"], row[f"{metric}_diff_ci_low"],
                         row[f"{metric}_diff_ci_high"], count)
             if s:
                 out.append(s)
+                said |= {r.model_label} if metric == "bpd" else set()
     return out

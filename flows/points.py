@@ -68,8 +68,17 @@ class Point:
     @property
     def label(self) -> str:
         """'cosine, T = 100, seed = 1': the schedule by its name, every other axis as key = value."""
+        return self.label_of(self.keys)
+
+    @property
+    def model_label(self) -> str:
+        """The label without the sampling axes (sample.*): the trained model, which the bound measures."""
+        return self.label_of([k for k in self.keys if not k.startswith("sample.")])
+
+    def label_of(self, keys) -> str:
+        """The label of these axes only, each named as in the whole label."""
         return ", ".join(str(v) if k == "diffusion.schedule" else f"{short_key(k, self.keys)} = {v}"
-                         for k, v in self.axes)
+                         for k, v in self.axes if k in keys)
 
     def exp_name(self, sweep: str) -> str:
         tokens = [AXIS_TOKENS.get(k, short_key(k, self.keys).replace(".", "_")) + str(hydra_value(v)) for k, v in self.axes]
@@ -104,6 +113,10 @@ class PointResult:
     @property
     def label(self) -> str:
         return Point(tuple(self.axes.items())).label
+
+    @property
+    def model_label(self) -> str:
+        return Point(tuple(self.axes.items())).model_label
 
     def row(self) -> dict[str, Any]:
         keys = tuple(self.axes)

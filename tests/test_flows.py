@@ -191,6 +191,23 @@ def test_summary_table_differences_verdicts_and_plot(tmp_path):
     assert files["plot"].read_bytes()[:8] == PNG and "seeds" not in files
 
 
+def test_bits_per_dim_are_said_once_per_model_not_once_per_sampling_point(tmp_path):
+    from dataclasses import replace
+
+    # two models, each sampled at 10 and 100 steps: the bound is the model's, the FID-proxy each point's
+    results = [replace(result(schedule, 100, bpd, fid, shift=shift), axes={
+        "diffusion.schedule": schedule, "diffusion.T": 100, "sample.steps": steps})
+        for schedule, bpd in (("linear", 3.6), ("cosine", 3.1))
+        for steps, fid, shift in ((10, 20.0, 1.0), (100, 12.0, 0.0))]
+    results[2] = replace(results[2], bpd_per_image=results[3].bpd_per_image)  # one model: one bound
+    md = summary.write_all(tmp_path, "s", results, "4 of 4")["files"]["md"].read_text()
+    bpd = [line for line in md.splitlines() if "bits/dim" in line and line.startswith("- ")]
+    assert len(bpd) == 1 and bpd[0].startswith("- cosine, T = 100 has 0.5") and "than linear, T = 100 (95% CI" in bpd[0]
+    fid = [line for line in md.splitlines() if "FID-proxy" in line and line.startswith("- ")]
+    assert len(fid) == 3 and all("steps = " in line for line in fid)  # the reference is linear at 10 steps
+    assert any(line.startswith("- linear, T = 100, steps = 100 has a FID-proxy") for line in fid), fid
+
+
 def test_seeds_are_summarized_across_runs_and_the_reference_can_be_named(tmp_path):
     results = [result("linear", 100, 3.6 + 0.1 * s, 14.0 + s, seed=s) for s in (0, 1, 2)]
     results += [result("cosine", 100, 3.2 + 0.1 * s, 12.0, seed=s) for s in (0, 1, 2)]
