@@ -90,6 +90,8 @@ def test_the_registered_model_generates_with_the_trained_ema_weights(project, mo
     from ddpm_core.sampling import sample
     from pipeline import tracking
 
+    from helpers import as_served
+
     uri = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
@@ -113,7 +115,8 @@ def test_the_registered_model_generates_with_the_trained_ema_weights(project, mo
                                 "batch_size": 40, "precision": "auto"}
     # predict: one image per seed, as the library samples with the run's settings
     images = mlflow.pyfunc.load_model(f"models:/ddpm-digits/{v.version}").predict(pd.DataFrame({"seed": [5, 6]}))
-    expected = [from_model_range(sample(net, schedule, 1, (1, 8, 8), s, "dpm_solver++", 10, progress=False)) for s in (5, 6)]
+    expected = [from_model_range(sample(as_served(net), schedule, 1, (1, 8, 8), s, "dpm_solver++", 10, progress=False))
+                for s in (5, 6)]  # at the precision `auto` resolves to here, as the server
     assert images.dtype == np.uint8 and np.array_equal(images, torch.cat(expected).numpy())
 
 

@@ -21,7 +21,7 @@ from ddpm_core.schedules import NoiseSchedule
 from ddpm_core.serving import load_eps_model, save_eps_model
 from pipeline import tracking
 
-from helpers import TINY_MODEL, tiny_unet
+from helpers import TINY_MODEL, as_served, tiny_unet
 
 NAME = "ddpm-tiny"
 SAMPLING = {"sampler": "ddim", "steps": 5, "eta": 0.0, "order": 2, "clip_x0": True, "batch_size": 4}
@@ -58,7 +58,7 @@ def client():
 
 
 def library_images(seed_net: int, seeds, sampler="ddim", steps=5, eta=0.0, clip_x0=True, order=2) -> np.ndarray:
-    net = tiny_unet(seed_net).eval()
+    net = as_served(tiny_unet(seed_net).eval())  # the server's precision on this machine
     return np.concatenate([from_model_range(sample(net, SCHEDULE, 1, (1, 8, 8), s, sampler, steps, eta,
                                                    clip_x0=clip_x0, progress=False, order=order)).numpy()
                            for s in seeds])
