@@ -179,5 +179,6 @@ def verdicts(results: list[PointResult], frame: pd.DataFrame, ref: int | None) -
                         row[f"{metric}_diff_ci_high"], count)
             if s:
                 out.append(s)
-                said |= {r.model_label} if metric == "bpd" else set()
+                if metric == "bpd":
+                    said.add(r.model_label)
     return out

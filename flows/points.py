@@ -26,6 +26,8 @@ import yaml
 from . import interrupt
 from pipeline.params import ParamsError, validate
 
+SAMPLE_PREFIX = "sample."  # params keys that only change how a trained model is sampled
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 EXPECTED_ERROR = re.compile(r"^error: (check|prepare|featurizer|train|sample|evaluate): .*$", re.M)
 METRIC_KEYS = ("bpd", "bpd_stderr", "bpd_ci_low", "bpd_ci_high", "prior_bpd", "decoder_bpd", "n_bpd",
@@ -73,7 +75,7 @@ class Point:
     @property
     def model_label(self) -> str:
         """The label without the sampling axes (sample.*): the trained model, which the bound measures."""
-        return self.label_of([k for k in self.keys if not k.startswith("sample.")])
+        return self.label_of([k for k in self.keys if not k.startswith(SAMPLE_PREFIX)])
 
     def label_of(self, keys) -> str:
         """The label of these axes only, each named as in the whole label."""

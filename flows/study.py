@@ -33,7 +33,7 @@ from prefect.states import Completed, Failed  # noqa: E402
 
 from flows import devices as gpus, interrupt, record_runs, records, summary  # noqa: E402
 from flows.lifecycle import FLOW_RUN_TAG, crash_flow_runs, current_flow_run  # noqa: E402
-from flows.points import NAME_RE, Point, PointResult, git  # noqa: E402
+from flows.points import NAME_RE, SAMPLE_PREFIX, Point, PointResult, git  # noqa: E402
 from flows.progress import Progress  # noqa: E402
 from flows.sweep import (  # noqa: E402
     check_sweep, log_differences, project_root_env, refused, submit_points, threads_per_point,
@@ -203,7 +203,7 @@ def _run_study(root: Path, spec: Study, concurrency: int, experiment: str, devic
 
 def model_key(point: Point) -> tuple:
     """What a point trains: its settings without the sampling keys (points that share it share the network)."""
-    return tuple(sorted((k, repr(v)) for k, v in point.settings().items() if not k.startswith("sample.")))
+    return tuple(sorted((k, repr(v)) for k, v in point.settings().items() if not k.startswith(SAMPLE_PREFIX)))
 
 
 def run_models_first(root: Path, name: str, points: list[Point], parent: str, concurrency: int,

@@ -144,9 +144,9 @@ def claim_panels(spec: "Study", groups: dict[tuple, dict], axis: str) -> list[tu
     A metric measured on samples gets a panel per sampling setting (sampler and steps, where the contrast holds
     them fixed), so each panel has a line per model, not one per model and setting; a line's label is the rest
     of what its two points share (and a - b where the panel holds several). `groups`: by_budget's."""
-    from .study_report import axis_of
+    from .study_report import _is_sampling, axis_of
 
-    sampling = {name for name, key in axis_of(spec).items() if key.startswith("sample.")}
+    sampling = {name for name in axis_of(spec) if _is_sampling(spec, name)}
     panels: dict[tuple[str, str], list[tuple[str, dict]]] = {}
     for (name, metric, shared, a, b), at in groups.items():
         if name != axis:

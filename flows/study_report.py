@@ -30,14 +30,13 @@ import pandas as pd
 from ddpm_core.stats import Estimate
 
 from . import analysis, records, study_budget
-from .points import PointResult, short_key
+from .points import SAMPLE_PREFIX, PointResult, short_key
 from .records import SHEET_IMAGES
 from .summary import fmt, markdown
 
 if TYPE_CHECKING:
     from .study import Study
 
-SAMPLE_PREFIX = "sample."
 STEPS_KEY = "sample.steps"
 SEED_KEY = analysis.SEED_KEY
 

@@ -40,11 +40,10 @@ def random_inception_weights(path) -> None:
     torch.save(net.state_dict(), path)
 
 
-def as_served(net: torch.nn.Module, precision: str = "auto") -> torch.nn.Module:
+def as_served(net: torch.nn.Module) -> torch.nn.Module:
     """`net` as the served generator runs it on this machine (pipeline/generator.py): sample.precision `auto`
     is bf16 autocast where this CPU computes bf16 natively, fp32 elsewhere, so a test's library reference draws
     the same images as the server on either kind of machine."""
     from ddpm_core.compute import World, resolve
 
-    return resolve("auto", precision, world=World(), section="sample").network(net)
-
+    return resolve("auto", "auto", world=World(), section="sample").network(net)
