@@ -172,7 +172,8 @@ def pin_featurizer(root: Path, out: Path, log: Path) -> str | None:
 
 
 def read(out: Path, point: Point, name: str, code: str | None) -> PointResult | None:
-    """The point's result from its record, when there is one made with this code and these settings."""
+    """The point's result from its record, when there is one made with this code and these settings. ParamsError
+    when the record's reference features (a file every record of a study shares) are missing."""
     where = out / "points" / point.exp_name(name)
     try:
         record = json.loads((where / "record.json").read_text())
@@ -180,9 +181,12 @@ def read(out: Path, point: Point, name: str, code: str | None) -> PointResult | 
         return None
     if code is None or record.get("code") != code or record.get("settings") != _settings(point):
         return None
+    if not (reference := out / "points" / record["reference"]).is_file():  # never computed again in silence
+        raise ParamsError(f"the record {where.name} names reference features {reference.name}, missing from "
+                          f"{reference.parent}: copy that file with the records")
     with open(where / "bpd_per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    with np.load(where / "arrays.npz") as z, np.load(out / "points" / record["reference"]) as ref:
+    with np.load(where / "arrays.npz") as z, np.load(reference) as ref:
         features = {"gen": z["gen"].astype(np.float64), "test": ref["test"].astype(np.float64),
                     "train": ref["train"].astype(np.float64)}
     metrics = {k: v for k, v in record["metrics"].items() if k in (*METRIC_KEYS, *LAST_TERM_KEYS)}

@@ -216,6 +216,21 @@ def test_a_record_gives_the_point_back_exactly_for_its_code_and_settings_only(tm
     threads = Point(point.axes, (("train.threads", 1),))                 # --concurrency: the same point
     assert records.read(tmp_path / "out", threads, "s", "code-1") is not None
     assert records.read(tmp_path / "out", Point(point.axes, (("sample.n", 5),)), "s", "code-1") is None
+    shared = tmp_path / "out" / "points" / json.loads((where / "record.json").read_text())["reference"]
+    shared.unlink()  # copied without it: said, not a FileNotFoundError, and never computed again in silence
+    with pytest.raises(ParamsError, match=f"names reference features {shared.name}, missing from"):
+        records.read(tmp_path / "out", point, "s", "code-1")
+
+
+def test_every_committed_record_has_the_reference_features_and_the_featurizer_it_names():
+    """A record is read with two files its study's records share; one left behind when records were copied made
+    the second run of the study command fail before it reused any point."""
+    found = sorted(ROOT.glob("reports/studies/*/points/*/record.json"))
+    assert len([r for r in found if r.parts[-4] == "schedule-T-objective-budget"]) == 90
+    for path in found:
+        record, points = json.loads(path.read_text()), path.parent.parent
+        assert (points / record["reference"]).is_file(), path
+        assert (points / f"featurizer-{record['featurizer']}" / "featurizer.pt").is_file(), path
 
 
 def test_a_featurizer_is_restored_only_from_one_intact_kept_copy(tmp_path, monkeypatch):
