@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -636,3 +637,40 @@ def test_a_tiny_study_end_to_end_and_again_from_its_records_in_a_fresh_clone(har
         assert k.data.params["train.steps"] == by_name[k.info.run_name]["train.steps"]
         assert "fid_proxy_diff" in k.data.metrics or by_name[k.info.run_name]["reference"] == "True"
     assert "error" not in run("dvc status", project).stdout.lower()
+
+
+# --- the committed findings ------------------------------------------------------------------------------
+INTERVAL = re.compile(r"([+-]?\d+(?:\.\d+)?) \(([+-]?\d+(?:\.\d+)?) to ([+-]?\d+(?:\.\d+)?)[),]")
+
+
+def _intervals_in(folder: Path) -> list[tuple[float, float, float]]:
+    """Every (value, low, high) the study's CSV files hold: a column with its `_ci_low` / `_ci_high`, or the
+    row's `ci_low` / `ci_high` (contrasts.csv's diff, last_term.csv's contrast); also negated, for "better by X"."""
+    found = []
+    for path in sorted(folder.glob("*.csv")):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                for k, v in row.items():
+                    for lo, hi in ((f"{k}_ci_low", f"{k}_ci_high"), ("ci_low", "ci_high")):
+                        try:
+                            found.append((float(v), float(row[lo]), float(row[hi])))
+                        except (KeyError, TypeError, ValueError):
+                            pass
+    return found + [(-v, -hi, -lo) for v, lo, hi in found]
+
+
+def _rounds_to(stated: str, value: float) -> bool:
+    decimals = len(stated.partition(".")[2])
+    return abs(float(stated) - value) <= 0.5 * 10 ** -decimals + 1e-9
+
+
+@pytest.mark.parametrize("name", ["schedule-T-objective", "schedule-T-objective-budget"])
+def test_every_interval_the_findings_state_is_in_the_studys_files(name):
+    """Each "x (low to high)" in findings.md is a value and its 95% interval from summary.csv, contrasts.csv,
+    budget_changes.csv or another of the study's tables, rounded as written: no number typed by hand."""
+    folder = ROOT / "reports" / "studies" / name
+    known = _intervals_in(folder)
+    stated = [m.groups() for m in INTERVAL.finditer((folder / "findings.md").read_text())]
+    assert len(stated) > 30
+    missing = [s for s in stated if not any(all(map(_rounds_to, s, k)) for k in known)]
+    assert missing == []
