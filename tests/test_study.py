@@ -674,3 +674,15 @@ def test_every_interval_the_findings_state_is_in_the_studys_files(name):
     assert len(stated) > 30
     missing = [s for s in stated if not any(all(map(_rounds_to, s, k)) for k in known)]
     assert missing == []
+
+
+def test_every_interval_the_readme_states_about_the_study_is_in_its_files():
+    """The README's study section quotes the findings: its intervals come from the same files."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## The study:"):]
+    section = section[:section.index("\n## ", 1)]
+    known = [k for name in ("schedule-T-objective", "schedule-T-objective-budget")
+             for k in _intervals_in(ROOT / "reports" / "studies" / name)]
+    stated = [m.groups() for m in INTERVAL.finditer(section)]
+    assert len(stated) > 10
+    assert [s for s in stated if not any(all(map(_rounds_to, s, k)) for k in known)] == []
