@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import write_report  # noqa: E402
 from ddpm_core import compute, distributed  # noqa: E402
 from ddpm_core.stats import mean_estimate  # noqa: E402
 
@@ -172,11 +173,8 @@ def main() -> None:
     s = summarize(rounds)
     machine = [*compute.describe_machine(), f"load average at the end {os.getloadavg()[0]:.1f} (shared machines "
                "move speed by up to 25% from minute to minute; the per-round ratio compares)"]
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "ddp_smoke" if args.smoke else "ddp"
-    (args.out / f"{stem}.json").write_text(json.dumps({"summary": s, "rounds": rounds, "machine": machine}, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(s, args, machine))
-    print(markdown(s, args, machine))
+    write_report(args.out, stem, {"summary": s, "rounds": rounds, "machine": machine}, markdown(s, args, machine))
 
 
 if __name__ == "__main__":

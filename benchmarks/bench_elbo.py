@@ -18,7 +18,6 @@ writes reports/benchmarks/elbo.json and elbo.md.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 import platform
 import sys
@@ -30,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import write_report  # noqa: E402
 from ddpm_core.data import to_model_range  # noqa: E402
 from ddpm_core.elbo_mc import BoundDesign, estimate_bound  # noqa: E402
 from ddpm_core.stats import mean_estimate  # noqa: E402
@@ -87,10 +87,7 @@ def main() -> None:
                                                                              "seeds": args.reps},
         "designs": [{k: v for k, v in r.items() if k != "per_image"} for r in designs],
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "elbo.json").write_text(json.dumps(result, indent=2) + "\n")
-    (OUT / "elbo.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(OUT, "elbo", result, markdown(result), indent=2)
 
 
 def markdown(r: dict) -> str:

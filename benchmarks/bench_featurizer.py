@@ -28,6 +28,8 @@ import time
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import write_report  # noqa: E402
+
 Z95 = 1.959964
 
 
@@ -110,10 +112,7 @@ def main(args: argparse.Namespace) -> None:
               "repeat_identical": results[0]["md5"] == results[1]["md5"],
               "distinct": len({r["md5"] for r in results}), "load": os.getloadavg()[0]}
     stem = "featurizer_smoke" if args.smoke else "featurizer"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, stem, report, markdown(report))
 
 
 if __name__ == "__main__":

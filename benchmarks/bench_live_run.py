@@ -15,7 +15,6 @@ training steps.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 import sys
@@ -27,6 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.report import write_report  # noqa: E402
+
 OUT = ROOT / "reports" / "benchmarks"
 
 
@@ -109,8 +110,6 @@ def report(args, p, plain, logged, ratios, grid_s, grid_n, grid_steps) -> None:
               "logging_ratio": interval(ratios), "grid_s": grid_mean, "grid_fraction": fraction,
               "cores": os.cpu_count(), "threads": torch.get_num_threads(), "smoke": args.smoke}
     name = "live_run-smoke" if args.smoke else "live_run"
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     f = lambda v, k=1.0, d=3: f"{v[0] * k:.{d}f} (95% CI {v[1] * k:.{d}f} to {v[2] * k:.{d}f})"  # noqa: E731
     lines = [f"# What the live MLflow run costs the training{' (smoke)' if args.smoke else ''}", "",
              f"`python benchmarks/bench_live_run.py{' --smoke' if args.smoke else ''}`: the default model, batch "
@@ -122,8 +121,7 @@ def report(args, p, plain, logged, ratios, grid_s, grid_n, grid_steps) -> None:
              f"| streaming / no tracking (per round) | {f(interval(ratios))} |",
              f"| sample grid at a checkpoint ({grid_n} images, DDIM-{grid_steps}) (s) | {f(grid_mean)} |",
              f"| grid / {p.train.checkpoint_every} training steps | {f(fraction, 100, 1)} % |", ""]
-    (OUT / f"{name}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(OUT, name, result, "\n".join(lines), indent=2)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 from pathlib import Path
 import platform
@@ -35,6 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import write_report  # noqa: E402
 from ddpm_core.data import from_model_range, load_dataset, to_model_range  # noqa: E402
 from ddpm_core.diffusion import output_channels  # noqa: E402
 from ddpm_core.elbo_mc import estimate_bound  # noqa: E402
@@ -202,9 +202,7 @@ def main() -> None:
                "n_fid": ARGS.n_fid, "classifier_accuracy": info["accuracy"],
                "results": results}
     stem = "objectives_quick" if ARGS.quick else "objectives"
-    (ARGS.out / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (ARGS.out / f"{stem}.md").write_text(markdown(summary))
-    print(markdown(summary))
+    write_report(ARGS.out, stem, summary, markdown(summary), indent=2)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 from pathlib import Path
 import shutil
@@ -39,6 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import write_report  # noqa: E402
 from ddpm_core import compute  # noqa: E402
 from ddpm_core.checkpoint import load_checkpoint  # noqa: E402
 from ddpm_core.data import from_model_range, load_dataset, to_model_range  # noqa: E402
@@ -329,9 +329,7 @@ def main() -> None:
     report["bound"] = bound_shift(p, data, c, model) if "bound" in ARGS.sections else {}
     report["load"] = os.getloadavg()[0]
     stem = ARGS.stem or ("precision_smoke" if ARGS.smoke else "precision")
-    (ARGS.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (ARGS.out / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(ARGS.out, stem, report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import write_report  # noqa: E402
 from ddpm_core.stats import mean_estimate  # noqa: E402
 
 
@@ -79,10 +80,7 @@ def main() -> None:
         print(json.dumps(time_distances(args.reps)))
         return
     report = {"cpus": os.cpu_count(), "arms": [run_arm(int(t), args.reps) for t in args.threads.split(",")]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"{args.stem}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, args.stem, report, markdown(report))
 
 
 if __name__ == "__main__":

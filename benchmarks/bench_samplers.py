@@ -20,7 +20,6 @@ other: compare them only within one run on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 import platform
@@ -34,6 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import write_report  # noqa: E402
 from ddpm_core.data import ImageData, from_model_range, load_dataset  # noqa: E402
 from ddpm_core.fid import (FeaturizerConfig, FidFeatures, classifier_featurize, fid_bootstrap,  # noqa: E402
                            fid_features, load_or_train_featurizer)
@@ -233,8 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "machine": machine(), "model": model, "classifier_accuracy": info["accuracy"],
                 "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     summary["goal"] = goal_sentence(summary)
-    (args.out / f"{args.stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (args.out / f"{args.stem}.md").write_text(markdown(summary))
+    write_report(args.out, args.stem, summary, markdown(summary), indent=2)
     plot(summary, args.out / f"{args.stem}.png")
     print(summary["goal"])
     return summary

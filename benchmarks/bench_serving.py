@@ -35,6 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.report import write_report  # noqa: E402
+
 OUT = ROOT / "reports" / "benchmarks"
 TARGET_S = 30.0  # a request at the limit should take at most this long alone
 
@@ -193,8 +195,6 @@ def report(name, args, evals_s, refused, refused_s, done) -> None:
               "suggested_max_evals": int(evals_s.min() * TARGET_S) if len(evals_s) else None,
               "oversize_refused": {"seconds": refused_s, "ok": refused[1], "error": refused[2][:200]},
               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     f = lambda t: f"{t[0]:.3g} (95% CI {t[1]:.3g} to {t[2]:.3g})"  # noqa: E731
     lines = [f"# Serving load test{' (smoke: tiny untrained model)' if args.smoke else ''}", "",
              f"`python benchmarks/bench_serving.py{' --smoke' if args.smoke else ''} --clients {args.clients} "
@@ -212,8 +212,7 @@ def report(name, args, evals_s, refused, refused_s, done) -> None:
              ""]
     if result["error_examples"]:
         lines += ["Errors: " + "; ".join(result["error_examples"]), ""]
-    (OUT / f"{name}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(OUT, name, result, "\n".join(lines), indent=2)
 
 
 if __name__ == "__main__":

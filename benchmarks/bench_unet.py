@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.report import write_report
 from ddpm_core.elbo import nll_bpd
 from ddpm_core.schedules import NoiseSchedule
 from ddpm_core.train import TrainConfig, Trainer
@@ -304,10 +305,7 @@ def main(argv: list[str]) -> dict:
         print(json.dumps({name: {k: v["images_per_s"] for k, v in report["training"][name]["models"].items()}}))
     n_img, T = (4, 50) if args.quick else (args.elbo_images, args.elbo_T)
     report["elbo"] = bench_elbo("base", n_img, T, args.chunk_size, repeats)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "unet.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out_dir / "unet.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out_dir, "unet", report, markdown(report), indent=2)
     return report
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 from pathlib import Path
 import sys
@@ -32,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import write_report  # noqa: E402
 from ddpm_core import compute  # noqa: E402
 from ddpm_core.data import from_model_range, load_dataset, to_model_range  # noqa: E402
 from ddpm_core.diffusion import q_sample  # noqa: E402
@@ -287,9 +287,7 @@ def main() -> None:
     ARGS.work.mkdir(parents=True, exist_ok=True)
     r = run_all()
     stem = "device_tiny" if ARGS.tiny else "device"
-    (ARGS.out / f"{stem}.json").write_text(json.dumps(r, indent=1) + "\n")
-    (ARGS.out / f"{stem}.md").write_text(markdown(r))
-    print(markdown(r))
+    write_report(ARGS.out, stem, r, markdown(r))
 
 
 if __name__ == "__main__":

@@ -87,3 +87,12 @@ def test_bench_report_threads_times_each_arm_in_its_own_process(tmp_path):
     for a in r["arms"]:
         assert a["n"] == 3 and 0 < a["median_ms"] and a["ci_low_ms"] <= a["mean_ms"] <= a["ci_high_ms"]
     assert "| 2 | 3 |" in (out / "smoke.md").read_text()
+
+
+def test_a_benchmark_leaves_its_numbers_as_json_beside_its_table_and_prints_the_table(tmp_path, capsys):
+    from benchmarks.report import write_report
+
+    md = write_report(tmp_path / "new" / "dir", "x_smoke", {"ratio": [1.5, 1.2, 1.8]}, "| ratio |\n|---|\n", indent=2)
+    assert md == tmp_path / "new" / "dir" / "x_smoke.md" and md.read_text() == "| ratio |\n|---|\n"
+    assert json.loads((md.parent / "x_smoke.json").read_text()) == {"ratio": [1.5, 1.2, 1.8]}
+    assert capsys.readouterr().out == "| ratio |\n|---|\n\n"
