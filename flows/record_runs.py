@@ -3,8 +3,9 @@
 A recorded point was computed in another checkout, whose MLflow store went with it; without a run here, the
 study's parent run in this store would show only the points computed here, and the MLflow UI could not compare
 the study. Each reused point gets one child run under the study's parent, once per parent: the point's params
-(params.yaml with its settings), its recorded metrics, its record.json and metrics.json as artifacts, and tags
-naming where it was computed (commit, DVC experiment, the original run id). The summary's paired differences are
+(params.yaml with its settings), its recorded metrics and wall time (`point_seconds`: the run's own duration is
+that of making it), its record.json and metrics.json as artifacts, and tags naming where it was computed (commit,
+DVC experiment, the original run id). The summary's paired differences are
 then logged to it like to any other point's run.
 """
 
@@ -20,6 +21,7 @@ from pipeline import tracking
 from pipeline.params import load_params
 
 RECORD_TAG = "record_of"  # the point's experiment name, on a run made from its record
+SECONDS_METRIC = "point_seconds"  # the point's wall time where it was computed (its record's `seconds`)
 
 
 def log_recorded(root: Path, parent: str, name: str, results: list[PointResult]) -> list[PointResult]:
@@ -46,9 +48,11 @@ def log_recorded(root: Path, parent: str, name: str, results: list[PointResult])
                 "featurizer_md5": record.get("featurizer") or "", "record": str(where)}).info.run_id
             now = int(time.time() * 1000)
             params = {**defaults, **record["settings"]}
-            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in record["metrics"].items()
-                                              if isinstance(v, (int, float)) and not isinstance(v, bool)],
-                             params=[Param(k, str(v)) for k, v in params.items()])
+            metrics = [Metric(k, float(v), now, 0) for k, v in record["metrics"].items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if record.get("seconds") is not None:  # this run lasts milliseconds; the point took this long
+                metrics.append(Metric(SECONDS_METRIC, float(record["seconds"]), now, 0))
+            client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
             for artifact in ("record.json", "metrics.json"):
                 client.log_artifact(run_id, str(where / artifact))
             client.set_terminated(run_id, "FINISHED")

@@ -636,6 +636,9 @@ def test_a_tiny_study_end_to_end_and_again_from_its_records_in_a_fresh_clone(har
         assert k.info.status == "FINISHED" and k.data.metrics["fid_proxy"] == float(by_name[k.info.run_name]["fid_proxy"])
         assert k.data.params["train.steps"] == by_name[k.info.run_name]["train.steps"]
         assert "fid_proxy_diff" in k.data.metrics or by_name[k.info.run_name]["reference"] == "True"
+        seconds = json.loads((Path(k.data.tags["record"]) / "record.json").read_text())["seconds"]
+        assert k.data.metrics.get("point_seconds") == seconds  # the point's time, not the run's milliseconds
+    assert all(k.data.metrics.get("point_seconds", 0) > 0 for k in from_records)
     assert "error" not in run("dvc status", project).stdout.lower()
 
 
