@@ -23,6 +23,7 @@ from project import ROOT, make_project, run
 PNG = b"\x89PNG\r\n\x1a\n"
 COMMITTED = ROOT / "flows" / "studies" / "schedule-T-objective.yaml"
 SECOND = ROOT / "flows" / "studies" / "schedule-T-objective-budget.yaml"
+STUDIES = ROOT / "reports" / "studies"  # the committed reports
 BUNDLES = {"training": {"ho": {"diffusion.variance": "fixed_small", "train.loss": "simple"},
                         "improved": {"diffusion.variance": "learned_range", "train.loss": "hybrid"}}}
 
@@ -226,7 +227,7 @@ def test_a_record_gives_the_point_back_exactly_for_its_code_and_settings_only(tm
 def test_every_committed_record_has_the_reference_features_and_the_featurizer_it_names():
     """A record is read with two files its study's records share; one left behind when records were copied made
     the second run of the study command fail before it reused any point."""
-    found = sorted(ROOT.glob("reports/studies/*/points/*/record.json"))
+    found = sorted(STUDIES.glob("*/points/*/record.json"))
     assert len([r for r in found if r.parts[-4] == "schedule-T-objective-budget"]) == 90
     for path in found:
         record, points = json.loads(path.read_text()), path.parent.parent
@@ -643,6 +644,7 @@ def test_a_tiny_study_end_to_end_and_again_from_its_records_in_a_fresh_clone(har
 
 
 # --- the committed findings ------------------------------------------------------------------------------
+EDITIONS = ["schedule-T-objective", "schedule-T-objective-budget"]  # committed, each with a findings.md
 INTERVAL = re.compile(r"([+-]?\d+(?:\.\d+)?) \(([+-]?\d+(?:\.\d+)?) to ([+-]?\d+(?:\.\d+)?)[),]")
 
 
@@ -667,16 +669,18 @@ def _rounds_to(stated: str, value: float) -> bool:
     return abs(float(stated) - value) <= 0.5 * 10 ** -decimals + 1e-9
 
 
-@pytest.mark.parametrize("name", ["schedule-T-objective", "schedule-T-objective-budget"])
+def _not_in(text: str, known: list[tuple[float, float, float]]) -> tuple[int, list[tuple[str, str, str]]]:
+    """How many "x (low to high)" the text states, and those that no (value, low, high) of `known` rounds to."""
+    stated = [m.groups() for m in INTERVAL.finditer(text)]
+    return len(stated), [s for s in stated if not any(all(map(_rounds_to, s, k)) for k in known)]
+
+
+@pytest.mark.parametrize("name", EDITIONS)
 def test_every_interval_the_findings_state_is_in_the_studys_files(name):
     """Each "x (low to high)" in findings.md is a value and its 95% interval from summary.csv, contrasts.csv,
     budget_changes.csv or another of the study's tables, rounded as written: no number typed by hand."""
-    folder = ROOT / "reports" / "studies" / name
-    known = _intervals_in(folder)
-    stated = [m.groups() for m in INTERVAL.finditer((folder / "findings.md").read_text())]
-    assert len(stated) > 30
-    missing = [s for s in stated if not any(all(map(_rounds_to, s, k)) for k in known)]
-    assert missing == []
+    n, missing = _not_in((STUDIES / name / "findings.md").read_text(), _intervals_in(STUDIES / name))
+    assert n > 30 and missing == []
 
 
 def test_every_interval_the_readme_states_about_the_study_is_in_its_files():
@@ -684,8 +688,5 @@ def test_every_interval_the_readme_states_about_the_study_is_in_its_files():
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## The study:"):]
     section = section[:section.index("\n## ", 1)]
-    known = [k for name in ("schedule-T-objective", "schedule-T-objective-budget")
-             for k in _intervals_in(ROOT / "reports" / "studies" / name)]
-    stated = [m.groups() for m in INTERVAL.finditer(section)]
-    assert len(stated) > 10
-    assert [s for s in stated if not any(all(map(_rounds_to, s, k)) for k in known)] == []
+    n, missing = _not_in(section, [k for name in EDITIONS for k in _intervals_in(STUDIES / name)])
+    assert n > 10 and missing == []
