@@ -26,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
 from benchmarks.report import write_report  # noqa: E402
 
 OUT = ROOT / "reports" / "benchmarks"

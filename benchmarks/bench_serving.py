@@ -35,6 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
 from benchmarks.report import write_report  # noqa: E402
 
 OUT = ROOT / "reports" / "benchmarks"
